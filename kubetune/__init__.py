@@ -1,0 +1,1 @@
+"""kubetune: fine-tune LLMs on Kubernetes."""

@@ -1,0 +1,1 @@
+"""The kopf operator: FineTuneJob in, trainer Job out."""

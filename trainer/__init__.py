@@ -1,0 +1,1 @@
+"""The trainer: the code inside the trainer image and behind `kubetune run`."""
