@@ -1,0 +1,3 @@
+from kubetune.cli import app
+
+app(prog_name="kubetune")

@@ -1,0 +1,427 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): the one source of truth.
+
+The CRD in ``crds/`` is generated from these models (``kubetune crd``), ``kubetune validate``
+checks manifests with them, the operator plans from them and the trainer runs them. Every
+cross-field rule is written once in ``RULES`` as a CEL expression for the API server and as
+the equivalent Python predicate for offline validation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+# An HF-style id: `name` or `org/name`, letters, digits and `-_.`; never free text.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+# s3://bucket/key, file://path or a local path; data may also name a dataset on the hub
+# (hf://org/name) or one shipped with kubetune (builtin:name). A `..` segment is refused by RULES
+# (the API server's regular expressions have no look-ahead).
+OUTPUT_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file://.+|[^:]+)$"
+DATA_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file://.+|hf://[A-Za-z0-9._/-]+|builtin:[a-z0-9-]+|[^:]+)$"
+PARENT_SEGMENT = r"(^|/)[.][.](/|$)"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+
+ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+DnsLabel = Annotated[str, StringConstraints(max_length=63, pattern=DNS_LABEL_PATTERN)]
+DnsSubdomain = Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+Quantity = Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY_PATTERN)]
+DataUri = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=DATA_URI_PATTERN)]
+OutputUri = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=OUTPUT_URI_PATTERN)]
+
+
+class Model(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Method(StrEnum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class DatasetFormat(StrEnum):
+    AUTO = "auto"
+    TEXT = "text"
+    PROMPT_COMPLETION = "prompt-completion"
+    INSTRUCTION = "instruction"
+    CHAT = "chat"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Stage(StrEnum):
+    FETCH = "fetch"
+    PREPARE = "prepare"
+    BASELINE = "baseline"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    MERGE = "merge"
+    QUANTIZE = "quantize"
+    PUSH = "push"
+
+
+class ModelSource(Model):
+    """The base model: a hub id or built-in preset (`name`), or weights in HF layout (`uri`)."""
+
+    name: Annotated[str, StringConstraints(max_length=193, pattern=MODEL_NAME_PATTERN)] | None = Field(
+        None, description="Hugging Face model id (org/name) or a built-in preset."
+    )
+    uri: OutputUri | None = Field(
+        None, description="s3:// prefix or local path of a model in Hugging Face layout."
+    )
+    revision: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
+        None, description="Hub revision (branch, tag or commit) when loading by name."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off unless set."
+    )
+
+
+class Dataset(Model):
+    train: DataUri = Field(description="Training data: s3://, local path, hf://id or builtin:name.")
+    validation: DataUri | None = Field(None, description="Held-out data; else validationSplit.")
+    validation_split: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of train held out (seeded) when no validation."
+    )
+    format: DatasetFormat = Field(DatasetFormat.AUTO, description="Row format; auto detects.")
+    template: Literal["auto", "model", "chatml", "alpaca", "none"] = Field(
+        "auto", description="Prompt template: the model's chat template if any, else a fallback."
+    )
+    train_on_inputs: bool = Field(
+        False, description="Compute loss on prompt tokens too (default: completion only)."
+    )
+
+
+class Lora(Model):
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="Adapter scaling numerator.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        max_length=64,
+        description="Module names to adapt; all-linear adapts every linear layer.",
+    )
+    modules_to_save: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Modules trained in full beside the adapter (e.g. embed_tokens).",
+    )
+
+
+class Quantization(Model):
+    bits: Literal[4, 8] = Field(4, description="Weight bits of the frozen base.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16")
+
+
+class EarlyStopping(Model):
+    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement.")
+    threshold: float = Field(0.0, ge=0, description="Smallest improvement that counts.")
+
+
+class Training(Model):
+    epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the data.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; exclusive of epochs.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
+    gradient_accumulation: int = Field(1, ge=1, le=4096)
+    max_seq_length: int = Field(1024, ge=16, le=1048576, description="Longer rows are truncated.")
+    packing: bool = Field(False, description="Pack examples into full rows (no cross-attention).")
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware has it, else fp32."
+    )
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    eval_every: int | None = Field(None, ge=1, description="Steps between validation passes.")
+    early_stopping: EarlyStopping | None = None
+    checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
+
+
+class EvalMetric(StrEnum):
+    LOSS = "loss"
+    PERPLEXITY = "perplexity"
+    EXACT_MATCH = "exact_match"
+    ROUGE_L = "rouge_l"
+    BLEU = "bleu"
+
+
+class Evaluation(Model):
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: [
+            EvalMetric.LOSS,
+            EvalMetric.PERPLEXITY,
+            EvalMetric.EXACT_MATCH,
+            EvalMetric.ROUGE_L,
+            EvalMetric.BLEU,
+        ],
+        max_length=8,
+    )
+    baseline: bool = Field(True, description="Evaluate the base model before training.")
+    max_samples: int = Field(64, ge=1, le=100000, description="Held-out rows for generation.")
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+
+
+class Export(Model):
+    merge: bool = Field(True, description="Merge the adapter into the base weights.")
+    quantize: list[Literal["bnb-4bit", "bnb-8bit", "gguf"]] = Field(
+        default_factory=list, max_length=3, description="Quantized exports of the merged model."
+    )
+
+
+class Output(Model):
+    uri: OutputUri = Field(description="s3://bucket/prefix/ or a local path for artifacts.")
+
+
+class Resources(Model):
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per node.")
+    nodes: int = Field(1, ge=1, le=1024)
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class Toleration(Model):
+    key: Annotated[str, StringConstraints(max_length=316)] | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str, StringConstraints(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Scheduling(Model):
+    node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    affinity: dict[str, Any] | None = Field(None, description="A core/v1 Affinity, passed on.")
+    priority_class_name: DnsSubdomain | None = None
+    queue_name: DnsSubdomain | None = Field(None, description="Kueue LocalQueue name.")
+
+
+class Credentials(Model):
+    storage_secret: DnsSubdomain | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
+    )
+    hugging_face_secret: DnsSubdomain | None = Field(None, description="Secret with HF_TOKEN.")
+
+
+class Storage(Model):
+    endpoint: Annotated[str, StringConstraints(max_length=512, pattern=r"^https?://.+")] | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2)."
+    )
+    region: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+
+class FineTuneJobSpec(Model):
+    model: ModelSource
+    dataset: Dataset
+    method: Method = Method.LORA
+    lora: Lora = Field(default_factory=Lora)
+    quantization: Quantization | None = None
+    training: Training = Field(default_factory=Training)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    export: Export = Field(default_factory=Export)
+    output: Output
+    resources: Resources = Field(default_factory=Resources)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    credentials: Credentials = Field(default_factory=Credentials)
+    storage: Storage = Field(default_factory=Storage)
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = None
+    backoff_limit: int = Field(2, ge=0, le=100, description="Retries of the trainer.")
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    suspend: bool = Field(False, description="Hold the job, or stop it while it runs.")
+
+    def resolved_quantization(self) -> Quantization | None:
+        """QLoRA without explicit settings means 4-bit NF4 with double quantization."""
+        if self.method == Method.QLORA:
+            return self.quantization or Quantization()
+        return None
+
+
+class Condition(Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class Progress(Model):
+    stage: Stage | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    percent: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: int | None = None
+    updated_at: str | None = None
+
+
+class Results(Model):
+    before: dict[str, float] = Field(default_factory=dict)
+    after: dict[str, float] = Field(default_factory=dict)
+
+
+class Artifacts(Model):
+    root: str | None = None
+    adapter: str | None = None
+    merged: str | None = None
+    quantized: dict[str, str] = Field(default_factory=dict)
+    metrics: str | None = None
+    report: str | None = None
+    model_card: str | None = None
+    manifest: str | None = None
+
+
+class FineTuneJobStatus(Model):
+    phase: Phase | None = None
+    stage: Stage | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    progress: Progress | None = None
+    results: Results | None = None
+    artifacts: Artifacts | None = None
+    attempts: int | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    message: str | None = None
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the API server validates for a custom resource."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+    namespace: DnsLabel | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(Model):
+    api_version: Literal["kubetune.io/v1alpha1"] = API_VERSION
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: CEL for the API server, the same predicate in Python for us."""
+
+    path: str  # the schema node the rule sits on, e.g. "spec.training"
+    cel: str
+    message: str
+    holds: Callable[[FineTuneJobSpec], bool]
+    field: str | None = None  # the reported child field, for the API server's fieldPath
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        path="spec.training",
+        cel="!(has(self.epochs) && has(self.maxSteps))",
+        message="set at most one of epochs and maxSteps",
+        holds=lambda s: s.training.epochs is None or s.training.max_steps is None,
+        field="maxSteps",
+    ),
+    Rule(
+        path="spec",
+        cel="!has(self.quantization) || self.method == 'qlora'",
+        message="quantization applies only to method qlora",
+        holds=lambda s: s.quantization is None or s.method == Method.QLORA,
+        field="quantization",
+    ),
+    Rule(
+        path="spec.dataset",
+        cel="!(has(self.validation) && has(self.validationSplit))",
+        message="set at most one of validation and validationSplit",
+        holds=lambda s: s.dataset.validation is None or s.dataset.validation_split is None,
+        field="validationSplit",
+    ),
+    Rule(
+        path="spec.model",
+        cel="has(self.name) || has(self.uri)",
+        message="set name (a hub id or preset) or uri (a model in HF layout)",
+        holds=lambda s: s.model.name is not None or s.model.uri is not None,
+        field="name",
+    ),
+    Rule(
+        path="spec.training",
+        cel="!has(self.earlyStopping) || has(self.evalEvery)",
+        message="earlyStopping needs evalEvery",
+        holds=lambda s: s.training.early_stopping is None or s.training.eval_every is not None,
+        field="earlyStopping",
+    ),
+    *(
+        Rule(
+            path=f"spec.{parent}",
+            cel=f"!has(self.{field}) || !self.{field}.matches('{PARENT_SEGMENT}')",
+            message="must not contain a '..' segment",
+            holds=lambda s, get=get: (uri := get(s)) is None or not re.search(PARENT_SEGMENT, uri),
+            field=field,
+        )
+        for parent, field, get in (
+            ("model", "uri", lambda s: s.model.uri),
+            ("dataset", "train", lambda s: s.dataset.train),
+            ("dataset", "validation", lambda s: s.dataset.validation),
+            ("output", "uri", lambda s: s.output.uri),
+        )
+    ),
+    Rule(
+        path="spec.export",
+        cel="self.quantize.all(q, q == 'gguf' || self.merge)",
+        message="bitsandbytes exports quantize the merged model: set merge",
+        holds=lambda s: s.export.merge or all(q == "gguf" for q in s.export.quantize),
+        field="quantize",
+    ),
+)
+
+# Fields a running job may still change. The others are frozen once the operator has started it.
+MUTABLE_WHEN_STARTED = frozenset({"suspend"})
+
+
+def started(obj: dict[str, Any]) -> bool:
+    return bool((obj.get("status") or {}).get("startTime"))

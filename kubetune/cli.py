@@ -1,0 +1,121 @@
+"""The `kubetune` command line: one entry point for people, the operator and the trainer pod."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Fine-tune LLMs on Kubernetes, or on this machine with the same trainer.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Look at datasets the way the trainer will see them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+err = Console(stderr=True)
+
+
+@app.command()
+def validate(
+    files: Annotated[
+        list[Path], typer.Argument(help="FineTuneJob manifests (YAML, any number of documents).")
+    ],
+) -> None:
+    """Check FineTuneJob manifests offline by the API server's rules."""
+    from kubetune.validation import validate_files
+
+    errors = validate_files(files)
+    for line in errors:
+        err.print(line, markup=False, highlight=False)
+    if errors:
+        raise typer.Exit(1)
+    Console().print(f"{len(files)} file(s) valid", highlight=False)
+
+
+@app.command()
+def crd() -> None:
+    """Print the FineTuneJob CustomResourceDefinition (YAML)."""
+    from kubetune.crd import render
+
+    typer.echo(render(), nl=False)
+
+
+@app.command()
+def run(
+    job: Annotated[Path, typer.Argument(help="A FineTuneJob manifest.")],
+    output: Annotated[
+        str | None, typer.Option(help="Write artifacts here instead of spec.output.uri.")
+    ] = None,
+) -> None:
+    """Run a FineTuneJob on this machine: every stage, with progress and a summary."""
+    from kubetune.trainer.run import run_local
+
+    raise typer.Exit(run_local(job, output=output))
+
+
+@app.command()
+def trainer(
+    config: Annotated[Path, typer.Option(help="The resolved FineTuneJob the operator mounted.")] = Path(
+        "/etc/kubetune/job.yaml"
+    ),
+) -> None:
+    """Entry point of the trainer pod: run the job and report to its FineTuneJob."""
+    from kubetune.trainer.run import run_in_pod
+
+    raise typer.Exit(run_in_pod(config))
+
+
+@app.command("operator")
+def operator_command(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch this namespace (repeatable).")
+    ] = None,
+    all_namespaces: Annotated[
+        bool, typer.Option("--all-namespaces", "-A", help="Watch every namespace.")
+    ] = False,
+    trainer_image: Annotated[
+        str | None, typer.Option(envvar="KUBETUNE_TRAINER_IMAGE", help="Default trainer image.")
+    ] = None,
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics.")] = 8080,
+    health_port: Annotated[int, typer.Option(help="Port of /healthz.")] = 8081,
+) -> None:
+    """Run the FineTuneJob operator."""
+    from kubetune.operator.main import run_operator
+
+    if not namespace and not all_namespaces:
+        err.print("kubetune operator: give --namespace NS (repeatable) or --all-namespaces")
+        raise typer.Exit(2)
+    raise typer.Exit(
+        run_operator(
+            namespaces=namespace or [],
+            trainer_image=trainer_image,
+            metrics_port=metrics_port,
+            health_port=health_port,
+        )
+    )
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[str, typer.Argument(help="A dataset: local file, s3:// URI, hf://id or builtin:name.")],
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="auto, text, prompt-completion, instruction or chat.")
+    ] = "auto",
+    examples: Annotated[int, typer.Option("--examples", "-n", help="Rendered examples to show.")] = 3,
+    model: Annotated[
+        str | None, typer.Option(help="Tokenize with this model's tokenizer (id, path or preset).")
+    ] = None,
+    max_seq_length: Annotated[int, typer.Option(help="Truncation length to report against.")] = 1024,
+) -> None:
+    """Detected format, counts, token lengths and rendered examples with their loss mask."""
+    from kubetune.trainer.data.inspect import run_inspect
+
+    raise typer.Exit(
+        run_inspect(
+            path, fmt=format, examples=examples, model=model, max_seq_length=max_seq_length, console=Console()
+        )
+    )
