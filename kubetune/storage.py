@@ -153,6 +153,11 @@ def _check_segments(segments: list[str], uri: str, *, allow_trailing_slash: bool
             raise InvalidURIError(f"control character in {uri!r}", uri=uri)
 
 
+def _abspath(path: str | os.PathLike[str]) -> str:
+    # Normalises `..` like a shell without resolving symlinks (Path.resolve would).
+    return os.path.abspath(path)  # noqa: PTH100
+
+
 def parse_uri(uri: URILike) -> StorageURI:
     """Parse ``s3://bucket/key``, ``file://path`` or a local path.
 
@@ -163,7 +168,7 @@ def parse_uri(uri: URILike) -> StorageURI:
     if isinstance(uri, StorageURI):
         return uri
     if isinstance(uri, os.PathLike):
-        return StorageURI("file", "", str(Path(os.fspath(uri)).absolute()))
+        return StorageURI("file", "", _abspath(uri))
     if not isinstance(uri, str):
         raise InvalidURIError(f"expected a URI string or a path, got {type(uri).__name__}")
     if not uri:
@@ -172,7 +177,7 @@ def parse_uri(uri: URILike) -> StorageURI:
     if match is None:
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri) and not Path(uri).exists():
             raise _unsupported_scheme(uri, uri.split(":", 1)[0])
-        return StorageURI("file", "", str(Path(uri).absolute()))
+        return StorageURI("file", "", _abspath(uri))
     scheme = match.group(1).lower()
     rest = uri[match.end() :]
     if scheme == "s3":
@@ -191,7 +196,7 @@ def parse_uri(uri: URILike) -> StorageURI:
         if not rest:
             raise InvalidURIError(f"missing path in {uri!r}", uri=uri)
         _check_segments(rest.split("/")[1:] if rest.startswith("/") else rest.split("/"), uri)
-        return StorageURI("file", "", str(Path(rest).absolute()))
+        return StorageURI("file", "", _abspath(rest))
     raise _unsupported_scheme(uri, scheme)
 
 
@@ -232,7 +237,7 @@ def join_uri(base: URILike, *parts: str) -> StorageURI:
 class StorageCredentials(BaseModel):
     """Explicit credentials, e.g. from the job's storage Secret. Values are masked in every repr."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     access_key_id: SecretStr
     secret_access_key: SecretStr
@@ -273,7 +278,7 @@ class StorageCredentials(BaseModel):
 class StorageConfig(BaseModel):
     """How to reach object storage. Every field has a sensible default for AWS S3."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, Ceph, R2).")
     region: str | None = Field(None, description="Region; None lets boto3 resolve it.")
@@ -740,12 +745,12 @@ class ObjectStore:
 
     def download_file(self, uri: URILike, dest: str | os.PathLike[str]) -> Transfer:
         """Download one object to ``dest``; skipped when ``dest`` already has the same size and SHA-256."""
-        return self._download_many([(parse_uri(uri), Path(dest).absolute())])[0]
+        return self._download_many([(parse_uri(uri), Path(_abspath(dest)))])[0]
 
     def download_prefix(self, uri: URILike, dest_dir: str | os.PathLike[str]) -> list[Transfer]:
         """Download every object under ``uri`` into ``dest_dir``, keeping relative names."""
         loc = parse_uri(uri)
-        root = Path(dest_dir).absolute()
+        root = Path(_abspath(dest_dir))
         objects = self.list_prefix(loc)
         if not objects and (loc.is_s3 or not loc.path.is_dir()):
             raise ObjectNotFoundError(
@@ -819,7 +824,7 @@ class ObjectStore:
         self, src: str | os.PathLike[str], uri: URILike, *, skip_unchanged: bool = True
     ) -> Transfer:
         """Upload one file. With ``skip_unchanged`` an object with the same size and SHA-256 is left alone."""
-        return self._upload_many([(Path(src).absolute(), parse_uri(uri))], skip_unchanged=skip_unchanged)[0]
+        return self._upload_many([(Path(_abspath(src)), parse_uri(uri))], skip_unchanged=skip_unchanged)[0]
 
     def upload_prefix(
         self,
@@ -829,7 +834,7 @@ class ObjectStore:
         skip_unchanged: bool = True,
     ) -> list[Transfer]:
         """Upload every file under ``src_dir`` to ``uri``, keeping relative names."""
-        root = Path(src_dir).absolute()
+        root = Path(_abspath(src_dir))
         dest = parse_uri(uri)
         if not root.is_dir():
             raise ObjectNotFoundError(

@@ -1,0 +1,31 @@
+"""pytest fixtures for a real S3-compatible server on loopback (see :mod:`kubetune.testing.s3`).
+
+Enable with ``pytest_plugins = ["kubetune.testing.s3_fixtures"]`` or ``-p kubetune.testing.s3_fixtures``.
+
+- ``s3_server``: one :class:`~kubetune.testing.s3.S3Server` for the whole session, started on
+  first use; a test may stop and start it (it is started again for the next test).
+- ``s3_bucket``: the name of a fresh, empty bucket on it, deleted with its content afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from kubetune.testing.s3 import S3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    s3_server.start()
+    name = s3_server.create_bucket()
+    yield name
+    s3_server.start()
+    s3_server.delete_bucket(name)
