@@ -545,8 +545,8 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ metadata
 
-    def _head(self, uri: StorageURI) -> dict[str, Any]:
-        with self._errors("stat", uri):
+    def _head(self, uri: StorageURI, operation: str = "stat") -> dict[str, Any]:
+        with self._errors(operation, uri):
             return dict(self._client.head_object(Bucket=uri.bucket, Key=uri.key, ChecksumMode="ENABLED"))
 
     @staticmethod
@@ -587,7 +587,7 @@ class ObjectStore:
             return loc.path.exists()
         if loc.key and not loc.key.endswith("/"):
             try:
-                self._head(loc)
+                self._head(loc, "exists")
                 return True
             except ObjectNotFoundError:
                 pass
@@ -628,7 +628,7 @@ class ObjectStore:
                         continue  # a "directory" marker written by consoles and some tools
                     name = key[len(prefix) :]
                     obj_uri = StorageURI("s3", loc.bucket, key)
-                    sha = self._sha256_from_head(self._head(obj_uri)) if checksums else None
+                    sha = self._sha256_from_head(self._head(obj_uri, "list")) if checksums else None
                     infos.append(
                         ObjectInfo(
                             obj_uri, name, int(obj["Size"]), obj.get("ETag"), sha, obj.get("LastModified")
@@ -771,7 +771,7 @@ class ObjectStore:
                     if src.is_local:
                         results[index] = self._copy_local(src, dest, "download")
                         continue
-                    head = self._head(src)
+                    head = self._head(src, "download")
                     size, sha = int(head["ContentLength"]), self._sha256_from_head(head)
                     if _local_matches(dest, size, sha):
                         log.debug("download %s: %s is up to date", src, dest)
@@ -873,7 +873,7 @@ class ObjectStore:
 
     def _remote_matches(self, dest: StorageURI, size: int, sha: str) -> bool:
         try:
-            head = self._head(dest)
+            head = self._head(dest, "upload")
         except ObjectNotFoundError:
             return False
         return int(head["ContentLength"]) == size and self._sha256_from_head(head) == sha

@@ -300,6 +300,27 @@ class S3Server:
         return count
 
 
+class RequestRecorder:
+    """Every HTTP attempt a boto3 client sends, retries included (botocore's ``before-send`` event)."""
+
+    def __init__(self, client: S3Client) -> None:
+        self.sent: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
+        client.meta.events.register("before-send.s3", self._on_send)
+
+    def _on_send(self, event_name: str, **kwargs: Any) -> None:
+        with self._lock:
+            self.sent.append((event_name.rsplit(".", 1)[-1], time.monotonic()))
+
+    def count(self, operation: str) -> int:
+        with self._lock:
+            return sum(1 for op, _ in self.sent if op == operation)
+
+    def times(self, operation: str) -> list[float]:
+        with self._lock:
+            return [t for op, t in self.sent if op == operation]
+
+
 class _ClosingClient:
     def __init__(self, client: S3Client) -> None:
         self._client = client

@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from kubetune.storage import ObjectStore
-from kubetune.testing.s3 import S3Server
-
-
-class RequestRecorder:
-    """Every HTTP attempt the client makes (retries included), via botocore's ``before-send`` event."""
-
-    def __init__(self, store: ObjectStore) -> None:
-        self.sent: list[tuple[str, float]] = []
-        self._lock = threading.Lock()
-        store.client.meta.events.register("before-send.s3", self._on_send)
-
-    def _on_send(self, event_name: str, **kwargs: Any) -> None:
-        with self._lock:
-            self.sent.append((event_name.rsplit(".", 1)[-1], time.monotonic()))
-
-    def count(self, operation: str) -> int:
-        with self._lock:
-            return sum(1 for op, _ in self.sent if op == operation)
+from kubetune.testing.s3 import RequestRecorder, S3Server
 
 
 @pytest.fixture
@@ -38,4 +18,4 @@ def store(s3_server: S3Server) -> Iterator[ObjectStore]:
 
 @pytest.fixture
 def recorder(store: ObjectStore) -> RequestRecorder:
-    return RequestRecorder(store)
+    return RequestRecorder(store.client)
