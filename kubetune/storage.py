@@ -901,6 +901,24 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ deletion
 
+    def abort_multipart_uploads(self, uri: URILike) -> int:
+        """Abort unfinished multipart uploads under ``uri`` (left behind when an upload failed while the
+        server was unreachable). They are never visible as objects but hold storage until aborted or
+        expired by a bucket lifecycle rule (``AbortIncompleteMultipartUpload``)."""
+        loc = parse_uri(uri)
+        if loc.is_local:
+            return 0
+        aborted = 0
+        with self._errors("abort uploads", loc):
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
+                for upload in page.get("Uploads", []):
+                    self._client.abort_multipart_upload(
+                        Bucket=loc.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    aborted += 1
+        return aborted
+
     def delete(self, uri: URILike) -> None:
         """Delete one object or local file; a missing one is not an error."""
         loc = parse_uri(uri)
