@@ -16,7 +16,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Look at datasets the way the trainer will see them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @app.command()

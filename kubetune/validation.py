@@ -68,13 +68,13 @@ def _message(err: ErrorDetails) -> str:
         case "extra_forbidden":
             return f'unknown field "{field}"'
         case "greater_than":
-            return f"must be greater than {ctx['gt']}"
+            return f"must be greater than {_number(ctx['gt'])}"
         case "greater_than_equal":
-            return f"must be greater than or equal to {ctx['ge']}"
+            return f"must be greater than or equal to {_number(ctx['ge'])}"
         case "less_than":
-            return f"must be less than {ctx['lt']}"
+            return f"must be less than {_number(ctx['lt'])}"
         case "less_than_equal":
-            return f"must be less than or equal to {ctx['le']}"
+            return f"must be less than or equal to {_number(ctx['le'])}"
         case "string_pattern_mismatch":
             return _PATTERN_MEANINGS.get(ctx["pattern"], f"must match {ctx['pattern']}")
         case "literal_error" | "enum":
@@ -88,6 +88,10 @@ def _message(err: ErrorDetails) -> str:
         if kind.startswith(prefix + "_") or kind == f"{prefix}_type":
             return f"must be {name}"
     return str(err["msg"]).lower()
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def check_spec_rules(spec: api.FineTuneJobSpec) -> list[Problem]:

@@ -1,0 +1,11 @@
+.PHONY: quickstart test setup crd
+
+quickstart:  ## Fine-tune the embedded default model on this machine (offline, CPU).
+	hack/setup
+	.venv/bin/kubetune run examples/quickstart.yaml
+
+test:  ## Lint, type-check and run every test (builds the test control plane once).
+	hack/test
+
+crd:  ## Regenerate crds/ and the chart's copy from kubetune/api.py.
+	.venv/bin/kubetune crd > crds/finetunejob.yaml
