@@ -133,6 +133,7 @@ class S3Server:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._lock = threading.RLock()
+        self._admin: S3Client | None = None
         self.starts = 0
 
     def __repr__(self) -> str:
@@ -222,6 +223,9 @@ class S3Server:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
         if self._owns_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -259,25 +263,27 @@ class S3Server:
 
     def create_bucket(self, name: str | None = None) -> str:
         name = name or f"kt-{secrets.token_hex(6)}"
-        with self._closing_client() as client:
-            client.create_bucket(Bucket=name)
+        self._admin_client().create_bucket(Bucket=name)
         return name
 
     def delete_bucket(self, name: str) -> None:
         """Delete a bucket with everything in it, unfinished multipart uploads included."""
-        with self._closing_client() as client:
-            for uploads in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
-                for upload in uploads.get("Uploads", []):
-                    client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-                if contents := page.get("Contents"):
-                    client.delete_objects(
-                        Bucket=name, Delete={"Objects": [{"Key": o["Key"]} for o in contents], "Quiet": True}
-                    )
-            client.delete_bucket(Bucket=name)
+        client = self._admin_client()
+        for uploads in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
+            for upload in uploads.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            if contents := page.get("Contents"):
+                client.delete_objects(
+                    Bucket=name, Delete={"Objects": [{"Key": o["Key"]} for o in contents], "Quiet": True}
+                )
+        client.delete_bucket(Bucket=name)
 
-    def _closing_client(self) -> _ClosingClient:
-        return _ClosingClient(self.client())
+    def _admin_client(self) -> S3Client:
+        with self._lock:
+            if self._admin is None:
+                self._admin = self.client()
+            return self._admin
 
     def object_path(self, bucket: str, key: str) -> Path:
         """Where the posix backend keeps an object's bytes (to corrupt it behind the server's back)."""
@@ -319,17 +325,6 @@ class RequestRecorder:
     def times(self, operation: str) -> list[float]:
         with self._lock:
             return [t for op, t in self.sent if op == operation]
-
-
-class _ClosingClient:
-    def __init__(self, client: S3Client) -> None:
-        self._client = client
-
-    def __enter__(self) -> S3Client:
-        return self._client
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.close()
 
 
 def _serve(args: argparse.Namespace) -> int:
