@@ -1,0 +1,1 @@
+"""Test support: a real Kubernetes control plane on loopback and its pytest fixtures."""

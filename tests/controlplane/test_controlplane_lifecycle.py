@@ -1,0 +1,98 @@
+"""Starting and stopping control planes of their own: nothing is left behind, also when
+startup fails, and the failure says why."""
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+
+from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, find_binaries
+
+pytestmark = pytest.mark.controlplane
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def processes_using(path: Path) -> list[int]:
+    """Pids whose command line mentions ``path``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make the control plane create its temporary work dir under ``tmp_path``."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_stop_kills_processes_and_removes_the_work_dir(private_tmp: Path) -> None:
+    with ControlPlane(controller_manager=False) as plane:
+        work_dir = plane.work_dir
+        assert work_dir.parent == private_tmp
+        assert len(processes_using(work_dir)) == 2
+        with plane.admin_api_client() as api:
+            assert k8s.CoreV1Api(api).read_namespace("default").status is not None
+        assert set(plane.process_logs()) == {"etcd", "kube-apiserver"}
+    assert not work_dir.exists()
+    assert processes_using(work_dir) == []
+    plane.stop()  # a second stop is harmless
+
+
+def test_failed_start_reports_the_log_and_cleans_up(private_tmp: Path) -> None:
+    plane = ControlPlane(controller_manager=False, apiserver_args=["--no-such-flag=1"])
+    with pytest.raises(ControlPlaneError) as raised:
+        plane.start()
+    message = str(raised.value)
+    assert "kube-apiserver exited" in message
+    assert "no-such-flag" in message
+    assert list(private_tmp.iterdir()) == []
+    assert processes_using(private_tmp) == []
+    assert not plane.started
+
+
+def test_dev_cluster_up_and_down(tmp_path: Path) -> None:
+    find_binaries()  # build outside the script's startup timeout if needed
+    script = REPO / "hack" / "dev-cluster"
+    env = {**os.environ, "DEV_CLUSTER_DIR": str(tmp_path / "dev")}
+    try:
+        up = subprocess.run(
+            [str(script), "up"], env=env, capture_output=True, text=True, check=False, timeout=300
+        )
+        assert up.returncode == 0, up.stderr
+        kubeconfig = Path(up.stdout.strip().splitlines()[-1])
+        assert kubeconfig == tmp_path / "dev" / "kubeconfig"
+        kubectl = find_binaries(build=False).kubectl
+        namespaces = subprocess.run(
+            [str(kubectl), f"--kubeconfig={kubeconfig}", "get", "namespaces", "-o", "name"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "namespace/kube-system" in namespaces
+        again = subprocess.run(
+            [str(script), "up"], env=env, capture_output=True, text=True, check=False, timeout=60
+        )
+        assert again.returncode == 0 and again.stdout.strip() == str(kubeconfig)
+    finally:
+        down = subprocess.run(
+            [str(script), "down"], env=env, capture_output=True, text=True, check=False, timeout=120
+        )
+    assert down.returncode == 0, down.stderr
+    assert processes_using(tmp_path / "dev") == []
+    status = subprocess.run(
+        [str(script), "status"], env=env, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert status.returncode == 1
