@@ -1,0 +1,185 @@
+"""The kopf handlers: every trigger ends in the same idempotent reconciliation.
+
+FineTuneJob create/resume/update run it inline (kopf retries them and keeps their progress
+in annotations). Changes of the trainer Jobs and pods (watched with a server-side label
+selector) queue it in the background, coalesced per FineTuneJob and retried on errors.
+A FineTuneJob is never reconciled by two tasks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes.client import Configuration
+
+from kubetune import api
+
+from . import planning
+from .metrics import Metrics
+from .reconcile import Reconciler, Result
+
+logger = logging.getLogger(__name__)
+
+REGISTRY = kopf.OperatorRegistry()
+FINETUNEJOBS = (api.GROUP, api.VERSION, api.PLURAL)
+MANAGED = {planning.LABEL_MANAGED_BY: planning.MANAGER}
+MANAGED_SELECTOR = f"{planning.LABEL_MANAGED_BY}={planning.MANAGER}"
+RETRY_BACKOFF = 5.0
+MAX_RETRY_DELAY = 60.0
+
+Key = tuple[str, str]
+
+
+@dataclass
+class Controller:
+    """Serialises reconciliations per FineTuneJob and queues background ones."""
+
+    reconciler: Reconciler
+    metrics: Metrics
+    _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    _dirty: set[Key] = field(default_factory=set)
+    _workers: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    reconciliations: int = 0
+
+    async def reconcile(self, namespace: str, name: str) -> Result:
+        lock = self._locks.setdefault((namespace, name), asyncio.Lock())
+        async with lock:
+            self.reconciliations += 1
+            self.metrics.reconcile_total.inc()
+            with self.metrics.reconcile_duration.time():
+                try:
+                    return await asyncio.to_thread(self.reconciler.reconcile, namespace, name)
+                except Exception:
+                    self.metrics.reconcile_errors.inc()
+                    raise
+
+    def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
+        key = (namespace, name)
+        self._dirty.add(key)
+        if key not in self._workers:
+            self._workers[key] = asyncio.create_task(
+                self._work(key, delay), name=f"reconcile {namespace}/{name}"
+            )
+
+    async def _work(self, key: Key, delay: float) -> None:
+        failures = 0
+        try:
+            await asyncio.sleep(delay)
+            while key in self._dirty:
+                self._dirty.discard(key)
+                try:
+                    result = await self.reconcile(*key)
+                except Exception:
+                    failures += 1
+                    logger.exception("reconciling %s/%s failed (%d in a row)", *key, failures)
+                    self._dirty.add(key)
+                    await asyncio.sleep(min(RETRY_BACKOFF * 2 ** (failures - 1), MAX_RETRY_DELAY))
+                    continue
+                failures = 0
+                if result.requeue_after is not None and key not in self._dirty:
+                    await asyncio.sleep(result.requeue_after)
+                    self._dirty.add(key)
+        finally:
+            self._workers.pop(key, None)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._locks.pop((namespace, name), None)
+
+    async def close(self) -> None:
+        workers = list(self._workers.values())
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+@dataclass
+class Runtime:
+    """What every handler needs, shared through kopf's memo."""
+
+    configuration: Configuration
+    controller: Controller
+    metrics: Metrics
+
+    def connection(self) -> kopf.ConnectionInfo:
+        cfg = self.configuration
+        scheme, token = None, None
+        header = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
+        if header:
+            scheme, _, token = header.rpartition(" ")
+        return kopf.ConnectionInfo(
+            server=cfg.host,
+            ca_path=cfg.ssl_ca_cert,
+            insecure=not cfg.verify_ssl,
+            certificate_path=cfg.cert_file,
+            private_key_path=cfg.key_file,
+            scheme=scheme or ("Bearer" if token else None),
+            token=token or None,
+        )
+
+
+def _runtime(memo: Any) -> Runtime:
+    runtime: Runtime = memo["kubetune"]
+    return runtime
+
+
+def owner_name(body: Mapping[str, Any]) -> str | None:
+    """The FineTuneJob a Job or pod belongs to."""
+    meta = body.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == api.KIND and ref.get("apiVersion", "").startswith(f"{api.GROUP}/"):
+            return str(ref["name"])
+    name = (meta.get("annotations") or {}).get(planning.ANNOTATION_JOB)
+    return str(name) if name else None
+
+
+@kopf.on.login(registry=REGISTRY)
+def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+    return _runtime(memo).connection()
+
+
+@kopf.on.probe(id="reconciliations", registry=REGISTRY)
+def probe(memo: Any, **_: Any) -> float:
+    return float(_runtime(memo).controller.reconciliations)
+
+
+@kopf.on.resume(*FINETUNEJOBS, registry=REGISTRY, backoff=RETRY_BACKOFF)
+@kopf.on.create(*FINETUNEJOBS, registry=REGISTRY, backoff=RETRY_BACKOFF)
+@kopf.on.update(*FINETUNEJOBS, field="spec", registry=REGISTRY, backoff=RETRY_BACKOFF)
+async def reconcile_finetunejob(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace, "FineTuneJobs are namespaced"
+    controller = _runtime(memo).controller
+    result = await controller.reconcile(namespace, name)
+    if result.requeue_after is not None:
+        controller.kick(namespace, name, delay=result.requeue_after)
+
+
+@kopf.on.event(*FINETUNEJOBS, registry=REGISTRY)
+def track_finetunejob(
+    type: str, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
+) -> None:
+    runtime = _runtime(memo)
+    assert namespace, "FineTuneJobs are namespaced"
+    if type == "DELETED":
+        runtime.metrics.forget(namespace, name)
+        runtime.controller.forget(namespace, name)
+    else:
+        runtime.metrics.track(body)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=REGISTRY)
+async def trainer_job_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    owner = owner_name(body)
+    if owner and namespace:
+        _runtime(memo).controller.kick(namespace, owner)
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED, registry=REGISTRY)
+async def trainer_pod_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    owner = owner_name(body)
+    if owner and namespace:
+        _runtime(memo).controller.kick(namespace, owner)

@@ -1,0 +1,417 @@
+"""Observing: the FineTuneJob status that follows from its trainer Job and pods.
+
+``observe`` is pure: it reads the Job, its pods and the current status and returns the
+operator's part of the next status, the merge patch to get there and the events to post.
+The trainer's part of the status (progress, results, artifacts) is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune import api
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+
+from .planning import TRAINER_CONTAINER
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (p.value for p in api.Phase)
+TERMINAL = frozenset({SUCCEEDED, FAILED})
+
+# Condition types on a FineTuneJob.
+CREATED = "Created"
+RUNNING_CONDITION = "Running"
+SUCCEEDED_CONDITION = "Succeeded"
+FAILED_CONDITION = "Failed"
+SUSPENDED_CONDITION = "Suspended"
+
+# Waiting reasons of the trainer container that need a person, not time.
+STUCK_WAITING = frozenset(
+    {
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+# Reasons worth a Warning event of their own when they appear.
+PROBLEMS = STUCK_WAITING | {"Unschedulable", "CrashLoopBackOff", "Retrying", "NameConflict"}
+
+# The status fields the operator owns; everything else under status belongs to the trainer.
+OPERATOR_FIELDS = (
+    "phase",
+    "conditions",
+    "observedGeneration",
+    "attempts",
+    "startTime",
+    "completionTime",
+    "message",
+)
+MESSAGE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What is going on, before it is written down as status."""
+
+    phase: str
+    reason: str
+    message: str
+    running: bool = False
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    phase: str
+    reason: str
+    message: str
+    conditions: list[dict[str, Any]]
+    observed_generation: int
+    attempts: int | None
+    start_time: str | None
+    completion_time: str | None
+    # Only on a terminal phase: the stage it ended in (Failed) or none (Succeeded).
+    stage: str | None = None
+    set_stage: bool = False
+    events: list[Event] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "phase": self.phase,
+            "conditions": self.conditions,
+            "observedGeneration": self.observed_generation,
+            "attempts": self.attempts,
+            "startTime": self.start_time,
+            "completionTime": self.completion_time,
+            "message": self.message,
+        }
+        if self.set_stage:
+            out["stage"] = self.stage
+        return out
+
+    def patch(self, current: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch of ``status`` with only what changed (None deletes a field)."""
+        return {k: v for k, v in self.status().items() if current.get(k) != v}
+
+
+def timestamp(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    *,
+    now: str,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """``conditions`` with one condition set; its lastTransitionTime moves only when status does."""
+    value = "True" if status else "False"
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == value else now
+    new = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message[:MESSAGE_LIMIT],
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+    out = [dict(c) for c in conditions if c.get("type") != type_]
+    out.append(new)
+    order = [CREATED, RUNNING_CONDITION, SUSPENDED_CONDITION, SUCCEEDED_CONDITION, FAILED_CONDITION]
+    return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
+
+
+def _true_conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    conditions = ((job.get("status") or {}).get("conditions")) or []
+    return {c["type"]: c for c in conditions if c.get("status") == "True" and "type" in c}
+
+
+def _trainer_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == TRAINER_CONTAINER:
+            return status  # type: ignore[no-any-return]
+    return {}
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    status = _trainer_status(pod)
+    return (
+        (status.get("state") or {}).get("terminated")
+        or (status.get("lastState") or {}).get("terminated")
+        or {}
+    )
+
+
+def _waiting(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (_trainer_status(pod).get("state") or {}).get("waiting") or {}
+
+
+def _unschedulable(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if (
+            condition.get("type") == "PodScheduled"
+            and condition.get("status") == "False"
+            and condition.get("reason") == "Unschedulable"
+        ):
+            return condition  # type: ignore[no-any-return]
+    return None
+
+
+def _created(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def _phase(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def _failure(pod: Mapping[str, Any]) -> str:
+    """Why a trainer pod failed, in a few words and its termination message."""
+    terminated = _terminated(pod)
+    if terminated.get("reason") == "OOMKilled":
+        what = "was killed for running out of memory (OOMKilled)"
+    elif "exitCode" in terminated:
+        what = f"exited with code {terminated['exitCode']}"
+    else:
+        reason = (pod.get("status") or {}).get("reason") or "unknown reason"
+        what = f"failed ({reason})"
+    detail = str(terminated.get("message") or (pod.get("status") or {}).get("message") or "").strip()
+    return f"{what}: {detail}" if detail else what
+
+
+def assess(
+    job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    *,
+    spec: api.FineTuneJobSpec,
+    status: Mapping[str, Any],
+    job_name: str,
+    conflict: str | None = None,
+) -> Assessment:
+    """The phase, a CamelCase reason and a message, from the Job and its pods."""
+    if conflict:
+        return Assessment(PENDING, "NameConflict", conflict)
+    if job is None:
+        if status.get("startTime"):
+            if ((status.get("artifacts") or {}).get("manifest")) is not None:
+                return Assessment(
+                    SUCCEEDED,
+                    "Completed",
+                    f"the trainer Job {job_name} is gone; the trainer wrote its manifest",
+                )
+            return Assessment(
+                FAILED, "JobDeleted", f"the trainer Job {job_name} was deleted before it finished"
+            )
+        return Assessment(PENDING, "Creating", f"creating the trainer Job {job_name}")
+
+    pods = sorted(pods, key=_created)
+    failed_pods = [p for p in pods if _phase(p) == "Failed"]
+    true = _true_conditions(job)
+    job_status = job.get("status") or {}
+
+    for kind in ("Complete", "SuccessCriteriaMet"):
+        if kind in true:
+            return Assessment(SUCCEEDED, "Completed", "the trainer finished")
+    for kind in ("Failed", "FailureTarget"):
+        if kind in true:
+            return _failed(true[kind], failed_pods[-1] if failed_pods else None, spec, job_status)
+
+    if (job.get("spec") or {}).get("suspend") or "Suspended" in true:
+        if spec.suspend:
+            return Assessment(SUSPENDED, "Suspended", "suspended (spec.suspend is true)")
+        if spec.scheduling.queue_name:
+            return Assessment(
+                PENDING, "Queued", f"waiting for admission to Kueue queue {spec.scheduling.queue_name}"
+            )
+        return Assessment(PENDING, "Resuming", "resuming the trainer Job")
+
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    running = [p for p in live if _phase(p) == "Running"]
+    if running or (not pods and job_status.get("ready")):
+        crash = next((w for p in running if (w := _waiting(p)).get("reason") == "CrashLoopBackOff"), None)
+        if crash:
+            return Assessment(
+                RUNNING, "CrashLoopBackOff", str(crash.get("message") or "the trainer keeps crashing")
+            )
+        return Assessment(
+            RUNNING, "PodRunning", f"the trainer is running (attempt {_attempts(job, spec) or 1})"
+        )
+
+    pending = [p for p in live if _phase(p) == "Pending"]
+    for pod in reversed(pending):
+        waiting = _waiting(pod)
+        if waiting.get("reason") in STUCK_WAITING:
+            detail = str(waiting.get("message") or "").strip()
+            reason = str(waiting["reason"])
+            return Assessment(
+                PENDING, reason, f"trainer container: {reason}" + (f": {detail}" if detail else "")
+            )
+        unschedulable = _unschedulable(pod)
+        if unschedulable:
+            detail = str(unschedulable.get("message") or "no node fits").strip()
+            return Assessment(PENDING, "Unschedulable", f"the trainer pod cannot be scheduled: {detail}")
+    if int(job_status.get("failed") or 0) > 0:
+        last = _failure(failed_pods[-1]) if failed_pods else "failed"
+        used = int(job_status["failed"])
+        return Assessment(
+            PENDING,
+            "Retrying",
+            f"attempt {used} {last}; retrying ({used} of {spec.backoff_limit + 1} attempts used)",
+        )
+    return Assessment(PENDING, "PodPending", "waiting for the trainer pod to start")
+
+
+def _failed(
+    condition: Mapping[str, Any],
+    last_failed: Mapping[str, Any] | None,
+    spec: api.FineTuneJobSpec,
+    job_status: Mapping[str, Any],
+) -> Assessment:
+    reason = str(condition.get("reason") or "JobFailed")
+    detail = str(condition.get("message") or "").strip()
+    terminated = _terminated(last_failed) if last_failed else {}
+    if reason == "PodFailurePolicy":
+        if (
+            terminated.get("exitCode") == CONFIG_ERROR_EXIT_CODE
+            or f"exit code {CONFIG_ERROR_EXIT_CODE}" in detail
+        ):
+            why = str(terminated.get("message") or "").strip()
+            message = f"the trainer rejected its configuration (exit code {CONFIG_ERROR_EXIT_CODE})"
+            return Assessment(FAILED, "ConfigError", f"{message}: {why}" if why else message)
+        return Assessment(FAILED, reason, detail or "a pod failure policy rule failed the Job")
+    if reason == "DeadlineExceeded":
+        return Assessment(
+            FAILED,
+            reason,
+            f"the trainer ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)",
+        )
+    if reason == "BackoffLimitExceeded":
+        failed = int(job_status.get("failed") or 0)
+        last = _failure(last_failed) if last_failed else "failed"
+        head = (
+            f"the trainer failed {failed} time(s) (backoffLimit {spec.backoff_limit}); "
+            f"the last attempt {last}"
+        )
+        if terminated.get("reason") == "OOMKilled":
+            return Assessment(
+                FAILED, "OOMKilled", head + "; raise spec.resources.memory or lower the batch size"
+            )
+        return Assessment(FAILED, reason, head)
+    return Assessment(FAILED, reason, detail or "the trainer Job failed")
+
+
+def _attempts(job: Mapping[str, Any] | None, spec: api.FineTuneJobSpec) -> int | None:
+    """Trainer attempts started: pods created, counted per node for multi-node jobs."""
+    if job is None:
+        return None
+    status = job.get("status") or {}
+    pods = sum(int(status.get(k) or 0) for k in ("failed", "succeeded", "active"))
+    nodes = spec.resources.nodes
+    return -(-pods // nodes)
+
+
+def _completion_time(job: Mapping[str, Any] | None, now: str) -> str:
+    if job is not None:
+        status = job.get("status") or {}
+        if status.get("completionTime"):
+            return str(status["completionTime"])
+        for condition in status.get("conditions") or []:
+            if condition.get("type") in ("Complete", "Failed", "SuccessCriteriaMet", "FailureTarget") and (
+                condition.get("status") == "True" and condition.get("lastTransitionTime")
+            ):
+                return str(condition["lastTransitionTime"])
+    return now
+
+
+def observe(
+    job: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    *,
+    spec: api.FineTuneJobSpec,
+    status: Mapping[str, Any],
+    generation: int,
+    job_name: str,
+    now: datetime,
+    conflict: str | None = None,
+) -> StatusUpdate:
+    """The operator's part of the next FineTuneJob status, and the events it deserves."""
+    stamp = timestamp(now)
+    found = assess(job, pods, spec=spec, status=status, job_name=job_name, conflict=conflict)
+    conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or []]
+
+    def put(type_: str, value: bool, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions, type_, value, reason, message, now=stamp, generation=generation
+        )
+
+    if conflict:
+        put(CREATED, False, "NameConflict", conflict)
+    elif job is not None:
+        put(CREATED, True, "JobCreated", f"created the trainer Job {job_name}")
+    put(
+        RUNNING_CONDITION,
+        found.phase == RUNNING and found.reason == "PodRunning",
+        found.reason,
+        found.message,
+    )
+    if found.phase == SUSPENDED:
+        put(SUSPENDED_CONDITION, True, "Suspended", found.message)
+    elif any(c.get("type") == SUSPENDED_CONDITION for c in conditions):
+        put(SUSPENDED_CONDITION, False, "Resumed", "spec.suspend is false")
+    if found.phase == SUCCEEDED:
+        put(SUCCEEDED_CONDITION, True, found.reason, found.message)
+    if found.phase == FAILED:
+        put(FAILED_CONDITION, True, found.reason, found.message)
+
+    start_time = status.get("startTime")
+    if not start_time and job is not None:
+        start_time = (job.get("metadata") or {}).get("creationTimestamp") or stamp
+    terminal = found.phase in TERMINAL
+    attempts = _attempts(job, spec)
+    if attempts is None:
+        attempts = status.get("attempts")
+    update = StatusUpdate(
+        phase=found.phase,
+        reason=found.reason,
+        message=found.message[:MESSAGE_LIMIT],
+        conditions=conditions,
+        observed_generation=generation,
+        attempts=attempts,
+        start_time=start_time,
+        completion_time=_completion_time(job, stamp) if terminal else None,
+        stage=((status.get("progress") or {}).get("stage") or status.get("stage"))
+        if found.phase == FAILED
+        else None,
+        set_stage=terminal,
+    )
+    update.events.extend(_events(status, update))
+    return update
+
+
+def _events(before: Mapping[str, Any], after: StatusUpdate) -> list[Event]:
+    events = []
+    if before.get("phase") != after.phase:
+        kind = "Warning" if after.phase == FAILED else "Normal"
+        events.append(Event(kind, after.phase, after.message))
+    old: Mapping[str, Any] = next(
+        (c for c in before.get("conditions") or [] if c.get("type") == RUNNING_CONDITION), {}
+    )
+    if after.reason in PROBLEMS and old.get("reason") != after.reason:
+        events.append(Event("Warning", after.reason, after.message))
+    return events

@@ -1,0 +1,486 @@
+"""Planning: the objects one FineTuneJob needs, computed from the job alone.
+
+Everything here is pure: no I/O, no clock. Given the same FineTuneJob and configuration,
+``plan`` returns the same objects with the same names, which is what makes the operator
+safe to rerun after a crash at any point: what already exists is found by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from kubetune import api
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+TRAINER_CONTAINER = "trainer"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_FILE = "job.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+SCRATCH_DIR = "/var/cache/kubetune"
+TRAINER_UID = 1000
+MASTER_PORT = 29500
+
+MANAGER = "kubetune-operator"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_JOB = "kubetune.io/job-name"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_JOB = "kubetune.io/finetunejob"
+ANNOTATION_GENERATION = "kubetune.io/generation"
+# Set on a Kueue-managed Job the operator suspended for spec.suspend, so that resuming
+# gives it back to Kueue instead of unsuspending a Job Kueue has not admitted.
+ANNOTATION_SUSPENDED_BY_SPEC = "kubetune.io/suspended-by-spec"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+DNS_LABEL_MAX = 63
+# Indexed Job pods get the hostname `<job>-<index>`, which must stay a DNS label too.
+JOB_NAME_MAX = 52
+
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kubetune")
+    except importlib.metadata.PackageNotFoundError:
+        return "latest"
+
+
+DEFAULT_TRAINER_IMAGE = f"ghcr.io/kubetune/trainer:{_version()}"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """What the operator adds to every plan; set from the command line or the chart."""
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    gpu_resource: str = DEFAULT_GPU_RESOURCE
+    image_pull_policy: str = "IfNotPresent"
+    termination_grace_seconds: int = 120
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The identity of a FineTuneJob that its children point back to."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+    @classmethod
+    def of(cls, job: api.FineTuneJob) -> Owner:
+        extra = job.metadata.model_extra or {}
+        if not job.metadata.namespace or not extra.get("uid"):
+            raise ValueError("a FineTuneJob read from the API server has metadata.namespace and uid")
+        return cls(
+            name=job.metadata.name,
+            namespace=job.metadata.namespace,
+            uid=str(extra["uid"]),
+            generation=int(extra.get("generation") or 1),
+        )
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def dns_label(name: str, suffix: str = "", limit: int = DNS_LABEL_MAX) -> str:
+    """``name + suffix`` as a DNS-1123 label of at most ``limit`` characters.
+
+    A name that is already valid and short enough is kept; any other is shortened and gets a
+    hash of the full original name, so two different names never map to the same label.
+    """
+    if len(suffix) >= limit - 10:
+        raise ValueError(f"suffix {suffix!r} leaves no room within {limit} characters")
+    clean = _NOT_DNS.sub("-", name.lower()).strip("-")
+    if clean == name and len(name) + len(suffix) <= limit:
+        return name + suffix
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 1
+    head = clean[:keep].rstrip("-")
+    return f"{head}-{digest}{suffix}" if head else f"{digest}{suffix}"
+
+
+def label_value(name: str) -> str:
+    """A label value (at most 63 characters) that stands for ``name``."""
+    return name if len(name) <= DNS_LABEL_MAX else dns_label(name)
+
+
+@dataclass(frozen=True)
+class Names:
+    job: str
+    config_map: str
+    service_account: str
+    role: str
+    role_binding: str
+    service: str
+
+    @classmethod
+    def of(cls, name: str, attempt: int = 1) -> Names:
+        trainer = dns_label(name, "-trainer")
+        return cls(
+            job=dns_label(name, limit=JOB_NAME_MAX),
+            config_map=dns_label(name, f"-config-{attempt}"),
+            service_account=trainer,
+            role=trainer,
+            role_binding=trainer,
+            service=dns_label(name, "-workers"),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The desired objects of one FineTuneJob, as plain dicts ready for the API server."""
+
+    names: Names
+    config_map: dict[str, Any]
+    service_account: dict[str, Any]
+    role: dict[str, Any]
+    role_binding: dict[str, Any]
+    service: dict[str, Any] | None
+    job: dict[str, Any]
+
+    def prerequisites(self) -> list[dict[str, Any]]:
+        """What the Job needs, in creation order (the RoleBinding after its Role)."""
+        objects = [self.config_map, self.service_account, self.role, self.role_binding]
+        return objects + ([self.service] if self.service else [])
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [*self.prerequisites(), self.job]
+
+
+def labels(owner: Owner) -> dict[str, str]:
+    return {
+        LABEL_NAME: "kubetune",
+        LABEL_COMPONENT: "trainer",
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_JOB: label_value(owner.name),
+    }
+
+
+def _metadata(name: str, owner: Owner, *, extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": {**labels(owner), **(extra_labels or {})},
+        "annotations": {ANNOTATION_JOB: owner.name, ANNOTATION_GENERATION: str(owner.generation)},
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def resolved_job(job: api.FineTuneJob, owner: Owner) -> dict[str, Any]:
+    """The FineTuneJob as the trainer reads it: every default applied, no status."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {
+            "name": owner.name,
+            "namespace": owner.namespace,
+            "uid": owner.uid,
+            "generation": owner.generation,
+        },
+        "spec": job.spec.to_wire(),
+    }
+
+
+def plan(job: api.FineTuneJob, config: OperatorConfig | None = None, *, attempt: int = 1) -> Plan:
+    """Every object the FineTuneJob needs. ``job`` carries metadata uid, namespace and generation."""
+    config = config or OperatorConfig()
+    owner = Owner.of(job)
+    names = Names.of(owner.name, attempt)
+    spec = job.spec
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(names.config_map, owner),
+        "immutable": True,
+        "data": {CONFIG_FILE: yaml.safe_dump(resolved_job(job, owner), sort_keys=False)},
+    }
+    service_account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(names.service_account, owner),
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(names.role, owner),
+        "rules": trainer_rules(owner.name),
+    }
+    role_binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(names.role_binding, owner),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.role},
+        "subjects": [{"kind": "ServiceAccount", "name": names.service_account, "namespace": owner.namespace}],
+    }
+    service = None
+    if spec.resources.nodes > 1:
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(names.service, owner),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": {LABEL_JOB: label_value(owner.name), LABEL_MANAGED_BY: MANAGER},
+                "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+            },
+        }
+    return Plan(
+        names=names,
+        config_map=config_map,
+        service_account=service_account,
+        role=role,
+        role_binding=role_binding,
+        service=service,
+        job=_job(spec, owner, names, config),
+    )
+
+
+def trainer_rules(name: str) -> list[dict[str, Any]]:
+    """The trainer may read its own FineTuneJob and patch its status; nothing else."""
+    return [
+        {
+            "apiGroups": [api.GROUP],
+            "resources": [api.PLURAL],
+            "resourceNames": [name],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": [api.GROUP],
+            "resources": [f"{api.PLURAL}/status"],
+            "resourceNames": [name],
+            "verbs": ["get", "patch"],
+        },
+    ]
+
+
+def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_JOB_NAMESPACE", "value": owner.namespace},
+        {"name": "KUBETUNE_JOB_NAME", "value": owner.name},
+        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "XDG_CACHE_HOME", "value": SCRATCH_DIR},
+        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/huggingface"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        {"name": "MPLCONFIGDIR", "value": f"{SCRATCH_DIR}/matplotlib"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.endpoint})
+    if spec.storage.region:
+        env += [
+            {"name": "AWS_REGION", "value": spec.storage.region},
+            {"name": "AWS_DEFAULT_REGION", "value": spec.storage.region},
+        ]
+    if spec.resources.nodes > 1:
+        env += [
+            {"name": "KUBETUNE_NUM_NODES", "value": str(spec.resources.nodes)},
+            {
+                "name": "KUBETUNE_NODE_RANK",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+                },
+            },
+            {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},
+            {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        ]
+    return env
+
+
+def _resources(spec: api.FineTuneJobSpec, config: OperatorConfig) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    for key, value in (("cpu", spec.resources.cpu), ("memory", spec.resources.memory)):
+        if value:
+            requests[key] = limits[key] = value
+    if spec.resources.gpus:
+        # Extended resources are never overcommitted: the limit alone sets the request too.
+        limits[config.gpu_resource] = str(spec.resources.gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: OperatorConfig) -> dict[str, Any]:
+    queue = spec.scheduling.queue_name
+    pod_labels = labels(owner)
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or config.trainer_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["kubetune", "trainer", "--config", CONFIG_PATH],
+        "env": _env(spec, owner, names),
+        "resources": _resources(spec, config),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": SCRATCH_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    env_from = [
+        {"secretRef": {"name": secret}}
+        for secret in (spec.credentials.storage_secret, spec.credentials.hugging_face_secret)
+        if secret
+    ]
+    if env_from:
+        container["envFrom"] = env_from
+    if spec.resources.nodes > 1:
+        container["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": names.service_account,
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": config.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": names.config_map}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    scheduling = spec.scheduling
+    if scheduling.node_selector:
+        pod_spec["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in scheduling.tolerations]
+    if scheduling.affinity:
+        pod_spec["affinity"] = scheduling.affinity
+    if scheduling.priority_class_name:
+        pod_spec["priorityClassName"] = scheduling.priority_class_name
+    if spec.resources.nodes > 1:
+        pod_spec["subdomain"] = names.service
+
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        # Kueue admits Jobs that are created suspended; it unsuspends them itself.
+        "suspend": spec.suspend or bool(queue),
+        "completions": spec.resources.nodes,
+        "parallelism": spec.resources.nodes,
+        # A replacement pod starts only once the old one is gone: never two trainers at once.
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {
+            "rules": [
+                # Preemption, node drain, eviction: not the trainer's fault, not a retry spent.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                # The trainer found its configuration unusable: retrying cannot help.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [CONFIG_ERROR_EXIT_CODE],
+                    },
+                },
+            ]
+        },
+        "template": {
+            "metadata": {
+                "labels": pod_labels,
+                "annotations": {ANNOTATION_JOB: owner.name},
+            },
+            "spec": pod_spec,
+        },
+    }
+    if spec.resources.nodes > 1:
+        job_spec["completionMode"] = "Indexed"
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(names.job, owner, extra_labels={LABEL_KUEUE_QUEUE: queue} if queue else None),
+        "spec": job_spec,
+    }
+
+
+def suspend_patch(spec: api.FineTuneJobSpec, job: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes the observed Job's suspend follow ``spec.suspend``, or None.
+
+    A Job in a Kueue queue is left to Kueue unless the operator itself suspended it.
+    """
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    annotations = (job.get("metadata") or {}).get("annotations") or {}
+    ours = annotations.get(ANNOTATION_SUSPENDED_BY_SPEC) == "true"
+    if spec.scheduling.queue_name:
+        if spec.suspend and not ours:
+            return {
+                "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_SPEC: "true"}},
+                "spec": {"suspend": True},
+            }
+        if not spec.suspend and ours:
+            return {
+                "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_SPEC: None}},
+                "spec": {"suspend": False},
+            }
+        return None
+    if suspended != spec.suspend:
+        return {"spec": {"suspend": spec.suspend}}
+    return None
+
+
+def spec_drift(config_map: Mapping[str, Any], job: api.FineTuneJob) -> list[str]:
+    """Top-level spec fields that differ from what the trainer was started with (suspend aside)."""
+    data = (config_map.get("data") or {}).get(CONFIG_FILE)
+    if not data:
+        return []
+    ran = (yaml.safe_load(data) or {}).get("spec") or {}
+    now = job.spec.to_wire()
+    fields = (set(ran) | set(now)) - api.MUTABLE_WHEN_STARTED
+    return sorted(f for f in fields if ran.get(f) != now.get(f))
+
+
+def parse(body: Mapping[str, Any]) -> api.FineTuneJob:
+    """The FineTuneJob model of an API object; status is the operator's and trainer's, not read here."""
+    metadata = body.get("metadata") or {}
+    kept = {
+        k: metadata[k]
+        for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
+        if k in metadata
+    }
+    return api.FineTuneJob.model_validate({"metadata": kept, "spec": body.get("spec") or {}})

@@ -1,0 +1,263 @@
+"""Reconciling one FineTuneJob: read, create what is missing, observe, write status.
+
+Each step reads before it writes and finds objects by their planned names, so a run that
+stops at any line and runs again converges to one set of children and one status.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from kubetune import api
+
+from . import observe as obs
+from . import planning
+from .kube import Kube
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+# A name clash clears itself when the garbage collector removes a previous job's children.
+CONFLICT_RETRY_SECONDS = 10.0
+EVENT_MESSAGE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class Result:
+    phase: str | None = None
+    requeue_after: float | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        config: planning.OperatorConfig,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        instance: str | None = None,
+    ) -> None:
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.instance = instance or socket.gethostname()
+
+    def reconcile(self, namespace: str, name: str) -> Result:
+        body = self.kube.get(api.KIND, namespace, name)
+        if body is None:
+            return Result()
+        status: dict[str, Any] = body.get("status") or {}
+        if status.get("phase") in obs.TERMINAL:
+            return Result(phase=status["phase"])
+        generation = int(body["metadata"].get("generation") or 1)
+        try:
+            job_model = planning.parse(body)
+        except ValidationError as error:
+            return self._invalid(body, status, generation, error)
+        plan = planning.plan(job_model, self.config)
+        uid = body["metadata"]["uid"]
+
+        conflict = None
+        for obj in plan.prerequisites():
+            _, clash = self._get_or_create(obj, uid)
+            conflict = conflict or clash
+        # Never a second Job once one ran: after TTL cleanup or a deletion the job is over.
+        job, clash = self._get_or_create(
+            plan.job, uid, create=conflict is None and not status.get("startTime")
+        )
+        conflict = conflict or clash
+
+        if job is not None and not conflict:
+            patch = planning.suspend_patch(job_model.spec, job)
+            if patch is not None:
+                job = self.kube.patch("Job", namespace, plan.names.job, patch)
+                logger.info(
+                    "set suspend=%s on Job %s/%s", job["spec"].get("suspend"), namespace, plan.names.job
+                )
+            self._explain_drift(body, status, generation, job_model, plan)
+
+        pods: list[dict[str, Any]] = []
+        if job is not None:
+            job_uid = job["metadata"]["uid"]
+            pods = self.kube.list(
+                "Pod", namespace, label_selector=f"batch.kubernetes.io/controller-uid={job_uid}"
+            )
+
+        update = obs.observe(
+            job,
+            pods,
+            spec=job_model.spec,
+            status=status,
+            generation=generation,
+            job_name=plan.names.job,
+            now=self.clock(),
+            conflict=conflict,
+        )
+        self._write(body, status, update)
+        return Result(phase=update.phase, requeue_after=CONFLICT_RETRY_SECONDS if conflict else None)
+
+    def _get_or_create(
+        self, obj: Mapping[str, Any], uid: str, *, create: bool = True
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """The object by its planned name, created when missing; or a conflict when another owns it."""
+        meta = obj["metadata"]
+        existing = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
+        if existing is None and create:
+            try:
+                created = self.kube.create(obj)
+            except ApiException as error:
+                if error.status != 409:
+                    raise
+                existing = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
+            else:
+                logger.info("created %s %s/%s", obj["kind"], meta["namespace"], meta["name"])
+                return created, None
+        if existing is None or _owned_by(existing, uid):
+            return existing, None
+        return None, self._conflict_message(existing, obj["kind"])
+
+    @staticmethod
+    def _conflict_message(existing: Mapping[str, Any], kind: str) -> str:
+        meta = existing.get("metadata") or {}
+        refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+        owner = (
+            f"{refs[0].get('kind')} {refs[0].get('name')} (uid {refs[0].get('uid')})" if refs else "no owner"
+        )
+        return (
+            f"{kind} {meta.get('name')} already exists and is controlled by {owner}; "
+            "waiting for it to go away"
+        )
+
+    def _explain_drift(
+        self,
+        body: Mapping[str, Any],
+        status: Mapping[str, Any],
+        generation: int,
+        job_model: api.FineTuneJob,
+        plan: planning.Plan,
+    ) -> None:
+        """An event when the spec changed after the trainer started: the change is not applied."""
+        if status.get("observedGeneration") in (None, generation):
+            return
+        config_map = self.kube.get(
+            "ConfigMap", plan.config_map["metadata"]["namespace"], plan.names.config_map
+        )
+        changed = planning.spec_drift(config_map or {}, job_model)
+        if changed:
+            self.post_event(
+                body,
+                obs.Event(
+                    "Warning",
+                    "SpecChangeIgnored",
+                    f"spec.{', spec.'.join(changed)} changed after the trainer started; the trainer keeps "
+                    f"the spec in ConfigMap {plan.names.config_map}. Only spec.suspend may change; "
+                    "create a new FineTuneJob to run with other settings.",
+                ),
+            )
+
+    def _invalid(
+        self, body: Mapping[str, Any], status: Mapping[str, Any], generation: int, error: ValidationError
+    ) -> Result:
+        """A spec the API server accepted but the models refuse (an older CRD): fail, do not guess."""
+        problems = "; ".join(
+            f"spec.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors()[:5]
+        )
+        now = obs.timestamp(self.clock())
+        message = f"invalid spec: {problems}"
+        conditions = obs.set_condition(
+            status.get("conditions") or [], obs.FAILED_CONDITION, True, "InvalidSpec", message,
+            now=now, generation=generation,
+        )  # fmt: skip
+        update = obs.StatusUpdate(
+            phase=obs.FAILED,
+            reason="InvalidSpec",
+            message=message[: obs.MESSAGE_LIMIT],
+            conditions=conditions,
+            observed_generation=generation,
+            attempts=status.get("attempts"),
+            start_time=status.get("startTime"),
+            completion_time=now,
+            set_stage=True,
+            events=[obs.Event("Warning", obs.FAILED, message)],
+        )
+        self._write(body, status, update)
+        return Result(phase=obs.FAILED)
+
+    def _write(self, body: Mapping[str, Any], status: Mapping[str, Any], update: obs.StatusUpdate) -> None:
+        meta = body["metadata"]
+        patch = update.patch(status)
+        if patch:
+            self.kube.patch(
+                api.KIND, meta["namespace"], meta["name"], {"status": patch}, subresource="status"
+            )
+            logger.info(
+                "%s/%s: %s",
+                meta["namespace"],
+                meta["name"],
+                {k: patch[k] for k in patch if k != "conditions"},
+            )
+        for event in update.events:
+            self.post_event(body, event)
+        if self.metrics and update.phase in obs.TERMINAL and status.get("phase") != update.phase:
+            self.metrics.job_finished(update.phase, update.start_time, update.completion_time)
+
+    def post_event(self, body: Mapping[str, Any], event: obs.Event) -> None:
+        """A core/v1 Event on the FineTuneJob; a failure to post is logged, never raised."""
+        meta = body["metadata"]
+        now = self.clock()
+        stamp = obs.timestamp(now)
+        record = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta['name'][:236]}.{secrets.token_hex(8)}",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": api.API_VERSION,
+                "kind": api.KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:EVENT_MESSAGE_LIMIT],
+            "count": 1,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "source": {"component": planning.MANAGER},
+            "reportingComponent": f"{api.GROUP}/operator",
+            "reportingInstance": self.instance[:128],
+        }
+        try:
+            self.kube.create(record)
+        except ApiException as error:
+            logger.warning(
+                "could not post event %s on %s/%s: %s",
+                event.reason,
+                meta["namespace"],
+                meta["name"],
+                error.status,
+            )
