@@ -1,0 +1,100 @@
+"""Data preparation: dataset rows to token ids and labels, exactly, with every count reported.
+
+The trainer calls :func:`prepare`; ``kubetune data inspect`` shows the same pipeline. Pieces:
+:func:`load_rows` (sources and file types), :func:`detect_format` and :func:`parse_rows`
+(formats), :func:`resolve_template` and :func:`to_segments` (templates), :func:`tokenize_example`
+(ids and labels), :func:`pack`, :class:`PaddingCollator` and :class:`PackedCollator` (batches).
+Bad data raises :class:`DataError` naming the file and line.
+"""
+
+from kubetune.trainer.data.errors import DataError
+from kubetune.trainer.data.formats import (
+    Chat,
+    Instruction,
+    Message,
+    PromptCompletion,
+    Record,
+    Sample,
+    Text,
+    detect_format,
+    parse_format,
+    parse_row,
+    parse_rows,
+)
+from kubetune.trainer.data.packing import (
+    PackedCollator,
+    PackedRow,
+    PaddingCollator,
+    pack,
+    pack_one,
+    packing_efficiency,
+)
+from kubetune.trainer.data.prepare import (
+    DataReport,
+    LengthStats,
+    PreparedData,
+    SplitReport,
+    dedupe,
+    prepare,
+    split_records,
+)
+from kubetune.trainer.data.sources import Row, Rows, load_rows
+from kubetune.trainer.data.templates import (
+    EvalPair,
+    Segment,
+    Template,
+    eval_pair,
+    resolve_template,
+    to_segments,
+)
+from kubetune.trainer.data.tokens import (
+    IGNORE_INDEX,
+    Example,
+    encode_prompt,
+    encode_segments,
+    tokenize_example,
+    truncate,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Chat",
+    "DataError",
+    "DataReport",
+    "EvalPair",
+    "Example",
+    "Instruction",
+    "LengthStats",
+    "Message",
+    "PackedCollator",
+    "PackedRow",
+    "PaddingCollator",
+    "PreparedData",
+    "PromptCompletion",
+    "Record",
+    "Row",
+    "Rows",
+    "Sample",
+    "Segment",
+    "SplitReport",
+    "Template",
+    "Text",
+    "dedupe",
+    "detect_format",
+    "encode_prompt",
+    "encode_segments",
+    "eval_pair",
+    "load_rows",
+    "pack",
+    "pack_one",
+    "packing_efficiency",
+    "parse_format",
+    "parse_row",
+    "parse_rows",
+    "prepare",
+    "resolve_template",
+    "split_records",
+    "to_segments",
+    "tokenize_example",
+    "truncate",
+]

@@ -1,0 +1,147 @@
+"""``kubetune data inspect``: a dataset the way the trainer will see it."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import tempfile
+from collections.abc import Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from kubetune.trainer.data.errors import DataError
+from kubetune.trainer.data.formats import detect_format, parse_format, parse_rows, row_variant
+from kubetune.trainer.data.prepare import LengthStats, dedupe, render, tokenize_split
+from kubetune.trainer.data.sources import load_rows
+from kubetune.trainer.data.templates import Segment, resolve_template
+from kubetune.trainer.data.tokens import IGNORE_INDEX, Example, encode_segments
+
+TRAINED_STYLE = "bold green"
+
+
+def run_inspect(
+    path: str, *, fmt: str, examples: int, model: str | None, max_seq_length: int, console: Console
+) -> int:
+    """Print format, counts, length statistics and rendered examples; 1 on bad data."""
+    try:
+        if path.startswith("s3://"):
+            with tempfile.TemporaryDirectory(prefix="kubetune-inspect-") as scratch:
+                local = _download(path, Path(scratch))
+                return _inspect(local, path, fmt, examples, model, max_seq_length, console)
+        return _inspect(path, path, fmt, examples, model, max_seq_length, console)
+    except DataError as e:
+        console.print(Text(f"error: {e}", style="red"))
+        return 1
+
+
+def _download(uri: str, scratch: Path) -> str:
+    from kubetune.storage import ObjectStore, StorageError
+
+    dest = scratch / uri.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        with ObjectStore() as store:
+            store.download_file(uri, dest)
+    except StorageError as e:
+        raise DataError(str(e), source=uri) from None
+    return str(dest)
+
+
+def _inspect(  # noqa: PLR0917
+    path: str, shown: str, fmt_name: str, n: int, model: str | None, max_seq_length: int, console: Console
+) -> int:
+    declared = parse_format(fmt_name)
+    rows = load_rows(path)
+    fmt = detect_format(rows, declared)
+    records, duplicates = dedupe(parse_rows(rows, fmt))
+    tokenizer = _load_tokenizer(model) if model else None
+    template = resolve_template("auto", fmt, tokenizer)
+    rendered = render(records, template)
+
+    how = "detected" if declared.value == "auto" else "declared"
+    console.print(Text(f"dataset: {shown}"))
+    console.print(
+        Text(f"format: {fmt.value} ({how}: {row_variant(rows.rows[0])}), template: {template.name}")
+    )
+    console.print(Text(f"rows: {len(rows)}, duplicates removed: {duplicates}, distinct: {len(records)}"))
+
+    encoded: list[Example] = []
+    if tokenizer is not None:
+        kept, report = tokenize_split(rendered, tokenizer, max_seq_length, train_on_inputs=False)
+        encoded = encode_segments(rendered, tokenizer)
+        console.print(Text(f"tokens ({model} tokenizer): {_stats(report.lengths)}"))
+        console.print(
+            Text(
+                f"truncated to max_seq_length {max_seq_length}: {report.truncated} kept, "
+                f"{report.dropped} dropped (nothing left to train on); "
+                f"{report.trained_tokens} trained tokens in {len(kept)} examples"
+            )
+        )
+    else:
+        words = [len("".join(s.text for s in segments).split()) for segments in rendered]
+        console.print(Text(f"whitespace words (no --model, so not tokens): {_stats(LengthStats.of(words))}"))
+
+    plain = console.color_system is None
+    legend = "[[...]]" if plain else "green"
+    console.print(Text(f"examples: trained spans (carry loss) in {legend}", style="dim"))
+    for i, record in enumerate(records[: max(n, 0)]):
+        console.rule(Text(f"example {i + 1} ({rows.source}:{record.line})"), align="left")
+        if tokenizer is not None:
+            console.print(_token_view(encoded[i], tokenizer, max_seq_length, plain))
+        else:
+            console.print(_segment_view(rendered[i], plain))
+    return 0
+
+
+def _stats(s: LengthStats) -> str:
+    return f"min {s.min}, median {s.median}, p95 {s.p95}, max {s.max}"
+
+
+def _span(text: str, trained: bool, plain: bool) -> Text:
+    if not trained:
+        return Text(text)
+    return Text(f"[[{text}]]") if plain else Text(text, style=TRAINED_STYLE)
+
+
+def _segment_view(segments: Sequence[Segment], plain: bool) -> Text:
+    view = Text()
+    for segment in segments:
+        view.append_text(_span(segment.text, segment.trained, plain))
+    view.append_text(Text(" (+ EOS, trained)", style="dim"))
+    return view
+
+
+def _token_view(example: Example, tokenizer: Any, max_seq_length: int, plain: bool) -> Text:
+    """The tokens decoded run by run, so a span is shown exactly as far as its tokens carry loss."""
+    view = Text()
+    pairs = list(zip(example.input_ids, example.labels, strict=True))
+    for trained, run in groupby(pairs[:max_seq_length], key=lambda p: p[1] != IGNORE_INDEX):
+        ids = [token for token, _ in run]
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        view.append_text(_span(text, trained, plain))
+    if len(pairs) > max_seq_length:
+        view.append_text(
+            Text(f" ... truncated: {len(pairs) - max_seq_length} of {len(pairs)} tokens cut", style="yellow")
+        )
+    return view
+
+
+def _load_tokenizer(model: str) -> Any:
+    """A saved tokenizer or model directory, a kubetune preset, or a hub id (online only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        if Path(model).is_dir():
+            return AutoTokenizer.from_pretrained(model, local_files_only=True)
+        if importlib.util.find_spec("kubetune.trainer.presets") is not None:
+            presets = importlib.import_module("kubetune.trainer.presets")
+            is_preset = getattr(presets, "is_preset", None)
+            if is_preset is not None and is_preset(model):
+                return presets.load_tokenizer(model)
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load a tokenizer for {model!r}: {first}") from None

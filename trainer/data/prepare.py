@@ -1,0 +1,237 @@
+"""The prepare stage: files to tokenized train/validation examples and a report of every count."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune import api
+from kubetune.trainer.data.errors import DataError
+from kubetune.trainer.data.formats import Record, detect_format, parse_rows, row_variant
+from kubetune.trainer.data.packing import PackedRow, pack, packing_efficiency
+from kubetune.trainer.data.sources import Rows, load_rows
+from kubetune.trainer.data.templates import EvalPair, Segment, Template, eval_pair, resolve_template
+from kubetune.trainer.data.tokens import Example, encode_segments, truncate
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    count: int = 0
+    min: int = 0
+    median: int = 0
+    p95: int = 0
+    max: int = 0
+    total: int = 0
+
+    @classmethod
+    def of(cls, lengths: Sequence[int]) -> LengthStats:
+        if not lengths:
+            return cls()
+        s = sorted(lengths)
+
+        def rank(percent: int) -> int:  # nearest rank: the smallest value with percent% at or below it
+            return s[max(0, -(-percent * len(s) // 100) - 1)]
+
+        return cls(len(s), s[0], rank(50), rank(95), s[-1], sum(s))
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    examples: int = 0
+    truncated: int = 0  # kept, cut to max_seq_length
+    dropped: int = 0  # nothing left to train on after truncation
+    lengths: LengthStats = field(default_factory=LengthStats)  # tokens before truncation
+    trained_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class DataReport:
+    format: str
+    detected: bool
+    variant: str
+    template: str
+    train_rows: int
+    validation_rows: int
+    duplicates_removed: int
+    validation_duplicates_removed: int
+    validation_overlap_removed: int
+    split: str
+    max_seq_length: int
+    train: SplitReport
+    validation: SplitReport
+    packed_rows: int | None = None
+    packing_efficiency: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        how = "detected" if self.detected else "declared"
+        out = [
+            f"format: {self.format} ({how}; {self.variant}), template: {self.template}",
+            f"rows: {self.train_rows} train, {self.validation_rows} validation ({self.split})",
+            f"duplicates removed: {self.duplicates_removed} train, {self.validation_duplicates_removed} "
+            f"validation, {self.validation_overlap_removed} validation rows also in train",
+        ]
+        for name, split in (("train", self.train), ("validation", self.validation)):
+            if not split.examples and not split.dropped:
+                continue
+            s = split.lengths
+            out.append(
+                f"{name}: {split.examples} examples, {split.trained_tokens} trained tokens; tokens "
+                f"min {s.min} median {s.median} p95 {s.p95} max {s.max}; {split.truncated} truncated "
+                f"to {self.max_seq_length}, {split.dropped} dropped (nothing left to train on)"
+            )
+        if self.packed_rows is not None:
+            out.append(f"packed into {self.packed_rows} rows ({self.packing_efficiency:.0%} full)")
+        return out
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: list[Example]
+    validation: list[Example]
+    eval_pairs: list[EvalPair]  # from the validation rows; empty for text
+    format: api.DatasetFormat
+    template: str
+    report: DataReport
+    train_packed: list[PackedRow] | None = None  # when training.packing
+
+
+def dedupe(records: Sequence[Record]) -> tuple[list[Record], int]:
+    """Keep the first of rows whose content is identical; returns the rest and how many went."""
+    seen: set[object] = set()
+    kept = []
+    for record in records:
+        if record.sample not in seen:
+            seen.add(record.sample)
+            kept.append(record)
+    return kept, len(records) - len(kept)
+
+
+def split_records(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded random share of the rows for validation; both parts keep the file's order."""
+    n = len(records)
+    n_val = max(1, round(n * fraction))
+    if n - n_val < 1:
+        raise DataError(
+            f"{n} distinct row(s) are too few to hold out validation_split {fraction}",
+            source=records[0].source if records else None,
+        )
+    held = set(random.Random(seed).sample(range(n), n_val))
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+def render(records: Sequence[Record], template: Template) -> list[list[Segment]]:
+    out = []
+    for record in records:
+        try:
+            out.append(template.render(record.sample))
+        except DataError as e:
+            raise record.error(e.message) from None
+    return out
+
+
+def tokenize_split(
+    segments: Sequence[Sequence[Segment]], tokenizer: Any, max_seq_length: int, *, train_on_inputs: bool
+) -> tuple[list[Example], SplitReport]:
+    full = encode_segments(segments, tokenizer, train_on_inputs=train_on_inputs)
+    kept = []
+    truncated = dropped = 0
+    for example in full:
+        cut = truncate(example, max_seq_length)
+        if cut is None:
+            dropped += 1
+            continue
+        truncated += cut.truncated
+        kept.append(cut)
+    report = SplitReport(
+        examples=len(kept),
+        truncated=truncated,
+        dropped=dropped,
+        lengths=LengthStats.of([e.full_length for e in full]),
+        trained_tokens=sum(e.trained_tokens for e in kept),
+    )
+    return kept, report
+
+
+def prepare(
+    dataset: api.Dataset,
+    training: api.Training,
+    tokenizer: Any,
+    *,
+    seed: int,
+    train_path: str | Path,
+    validation_path: str | Path | None = None,
+) -> PreparedData:
+    """Load, check, dedupe, split, render and tokenize; raises DataError naming file and line."""
+    train_rows = load_rows(train_path)
+    declared = api.DatasetFormat(dataset.format)
+    fmt = detect_format(train_rows, declared)
+    train_records, duplicates = dedupe(parse_rows(train_rows, fmt))
+
+    val_rows: Rows | None = None
+    val_records: list[Record] = []
+    val_duplicates = overlap = 0
+    if validation_path is not None:
+        val_rows = load_rows(validation_path)
+        _same_format(val_rows, fmt, declared)
+        val_records, val_duplicates = dedupe(parse_rows(val_rows, fmt))
+        in_train = {r.sample for r in train_records}
+        kept = [r for r in val_records if r.sample not in in_train]
+        overlap, val_records = len(val_records) - len(kept), kept
+        split = f"validation file {val_rows.source}"
+    elif dataset.validation_split is not None:
+        train_records, val_records = split_records(train_records, dataset.validation_split, seed)
+        split = f"validation_split {dataset.validation_split}, seed {seed}"
+    else:
+        split = "no validation"
+
+    template = resolve_template(dataset.template, fmt, tokenizer)
+    max_len = training.max_seq_length
+    train, train_report = tokenize_split(
+        render(train_records, template), tokenizer, max_len, train_on_inputs=dataset.train_on_inputs
+    )
+    validation, val_report = tokenize_split(
+        render(val_records, template), tokenizer, max_len, train_on_inputs=dataset.train_on_inputs
+    )
+    if not train:
+        raise DataError(
+            f"no training example left: all {train_report.dropped} lost every trained token to "
+            f"truncation at max_seq_length {max_len}",
+            source=train_rows.source,
+        )
+    pairs = [p for r in val_records if (p := eval_pair(r.sample, template)) is not None]
+    packed = pack(train, max_len) if training.packing else None
+    report = DataReport(
+        format=fmt.value,
+        detected=declared == api.DatasetFormat.AUTO,
+        variant=row_variant(train_rows.rows[0]),
+        template=template.name,
+        train_rows=len(train_rows),
+        validation_rows=len(val_rows) if val_rows is not None else 0,
+        duplicates_removed=duplicates,
+        validation_duplicates_removed=val_duplicates,
+        validation_overlap_removed=overlap,
+        split=split,
+        max_seq_length=max_len,
+        train=train_report,
+        validation=val_report,
+        packed_rows=len(packed) if packed is not None else None,
+        packing_efficiency=packing_efficiency(packed, max_len) if packed is not None else None,
+    )
+    return PreparedData(train, validation, pairs, fmt, template.name, report, packed)
+
+
+def _same_format(rows: Rows, fmt: api.DatasetFormat, declared: api.DatasetFormat) -> None:
+    if declared != api.DatasetFormat.AUTO:
+        return
+    found = detect_format(rows)
+    if found != fmt:
+        raise rows.error(
+            rows.lines[0], f"format {found.value} differs from the training data's format {fmt.value}"
+        )

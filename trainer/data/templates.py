@@ -1,0 +1,223 @@
+"""Templates: a sample becomes text segments, each trained (carries loss) or not.
+
+``auto`` uses the model's own chat template when its tokenizer has one, else a fallback per
+format: ChatML for chat, Alpaca for instruction. Prompt-completion rows carry their own prompt
+format (``"Q: ...\nA:"`` + ``" 42"``), so ``auto`` keeps them as written (``none``), as TRL does for
+non-conversational data; ``template: model`` or ``chatml`` wraps them as one user/assistant
+exchange instead. Text rows are never templated.
+
+A chat template renders a whole conversation, so the assistant spans are found by rendering
+prefixes: ``render(turns[:i], add_generation_prompt=True)`` is the prompt before assistant turn
+``i`` and ``render(turns[:i + 1])`` extends it by exactly that turn (its content and the
+template's end-of-turn marker, both trained). A template for which a rendered prefix is not a
+prefix of the longer rendering cannot be split exactly; such a row is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from kubetune import api
+from kubetune.trainer.data.errors import DataError
+from kubetune.trainer.data.formats import Chat, Instruction, Message, PromptCompletion, Sample, Text
+
+TemplateName = Literal["auto", "model", "chatml", "alpaca", "none"]
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+ALPACA_PREAMBLE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trained: bool
+
+
+class EvalPair(NamedTuple):
+    """A held-out prompt, rendered as in training, and the reference completion it should produce."""
+
+    prompt: str
+    reference: str
+
+
+ChatRenderer = Callable[[Sequence[Message], bool], str]
+
+
+class Template:
+    name: str = ""
+
+    def render(self, sample: Sample) -> list[Segment]:
+        if isinstance(sample, Text):
+            return [Segment(sample.text, True)]
+        # An empty completion stays: its EOS is still trained.
+        return [s for s in self._render(sample) if s.text or s.trained]
+
+    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
+        raise NotImplementedError
+
+
+class NoTemplate(Template):
+    """The fields as written: prompt + completion; instruction, input and turns one per line."""
+
+    name = "none"
+
+    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
+        if isinstance(sample, PromptCompletion):
+            return [Segment(sample.prompt, False), Segment(sample.completion, True)]
+        if isinstance(sample, Instruction):
+            prompt = sample.instruction + (f"\n{sample.input}" if sample.input else "") + "\n"
+            return [Segment(prompt, False), Segment(sample.output, True)]
+        segments: list[Segment] = []
+        for i, m in enumerate(conversation(sample)):
+            if i:
+                segments.append(Segment("\n", False))
+            segments.append(Segment(m.content, m.role == "assistant"))
+        return segments
+
+
+class AlpacaTemplate(Template):
+    """The Stanford Alpaca prompt; a chat row fits it with one user turn and one reply."""
+
+    name = "alpaca"
+
+    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
+        preamble: str | None = None
+        if isinstance(sample, PromptCompletion):
+            sample = Instruction(sample.prompt, "", sample.completion)
+        elif isinstance(sample, Chat):
+            turns = conversation(sample)
+            if turns[0].role == "system":
+                preamble, turns = turns[0].content + "\n\n", turns[1:]
+            if [m.role for m in turns] != ["user", "assistant"]:
+                raise DataError(
+                    "the alpaca template takes one user message and one assistant reply "
+                    f"(this row has {len(turns)} turns); use template chatml or model"
+                )
+            sample = Instruction(turns[0].content, "", turns[1].content)
+        if preamble is None:
+            preamble = ALPACA_PREAMBLE_WITH_INPUT if sample.input else ALPACA_PREAMBLE
+        prompt = f"{preamble}### Instruction:\n{sample.instruction}\n\n"
+        if sample.input:
+            prompt += f"### Input:\n{sample.input}\n\n"
+        return [Segment(prompt + "### Response:\n", False), Segment(sample.output, True)]
+
+
+class ChatTemplate(Template):
+    """A conversation template; assistant turns are split off by rendering prefixes."""
+
+    def __init__(self, name: str, renderer: ChatRenderer) -> None:
+        self.name = name
+        self.renderer = renderer
+
+    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
+        turns = conversation(sample)
+        segments: list[Segment] = []
+        done = ""
+        for i, message in enumerate(turns):
+            if message.role != "assistant":
+                continue
+            prompt = self.renderer(turns[:i], True)
+            full = self.renderer(turns[: i + 1], False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise DataError(
+                    f"the {self.name} chat template does not render this conversation's turns as prefixes "
+                    "of each other, so the assistant turns cannot be found exactly; use template chatml"
+                )
+            segments += [Segment(prompt[len(done) :], False), Segment(full[len(prompt) :], True)]
+            done = full
+        return segments
+
+
+def render_chatml(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    text = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def model_renderer(tokenizer: Any) -> ChatRenderer:
+    def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:  # jinja's TemplateError, raise_exception() in the template, ...
+            raise DataError(f"the model's chat template refused this row: {e}") from None
+        return str(text)
+
+    return render
+
+
+NONE = NoTemplate()
+ALPACA = AlpacaTemplate()
+CHATML = ChatTemplate("chatml", render_chatml)
+FALLBACKS: dict[api.DatasetFormat, Template] = {
+    api.DatasetFormat.CHAT: CHATML,
+    api.DatasetFormat.INSTRUCTION: ALPACA,
+    api.DatasetFormat.PROMPT_COMPLETION: NONE,
+}
+
+
+def resolve_template(name: str, fmt: api.DatasetFormat | str, tokenizer: Any = None) -> Template:
+    """The template for ``fmt``: ``auto`` prefers the model's chat template, else the format's fallback."""
+    fmt = api.DatasetFormat(fmt)
+    if fmt == api.DatasetFormat.TEXT:
+        return NONE
+    has_own = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    if name == "auto":
+        if fmt == api.DatasetFormat.PROMPT_COMPLETION:
+            return NONE
+        return ChatTemplate("model", model_renderer(tokenizer)) if has_own else FALLBACKS[fmt]
+    if name == "model":
+        if not has_own:
+            raise DataError(
+                "template model: the model's tokenizer has no chat template (use chatml or alpaca)"
+            )
+        return ChatTemplate("model", model_renderer(tokenizer))
+    named: dict[str, Template] = {"chatml": CHATML, "alpaca": ALPACA, "none": NONE}
+    if name not in named:
+        raise DataError(f"unknown template {name!r} (expected auto, model, chatml, alpaca or none)")
+    return named[name]
+
+
+def to_segments(sample: Sample, template: Template) -> list[Segment]:
+    """The rendered sample, as segments; joined, they are the exact text the model sees."""
+    return template.render(sample)
+
+
+def conversation(sample: PromptCompletion | Instruction | Chat) -> list[Message]:
+    """The sample as chat turns, up to its last assistant turn (later turns carry no loss)."""
+    if isinstance(sample, PromptCompletion):
+        return [Message("user", sample.prompt), Message("assistant", sample.completion)]
+    if isinstance(sample, Instruction):
+        user = sample.instruction + (f"\n\n{sample.input}" if sample.input else "")
+        return [Message("user", user), Message("assistant", sample.output)]
+    last = max(i for i, m in enumerate(sample.messages) if m.role == "assistant")
+    return list(sample.messages[: last + 1])
+
+
+def reference(sample: Sample) -> str | None:
+    if isinstance(sample, Text):
+        return None
+    if isinstance(sample, PromptCompletion):
+        return sample.completion
+    if isinstance(sample, Instruction):
+        return sample.output
+    return conversation(sample)[-1].content
+
+
+def eval_pair(sample: Sample, template: Template) -> EvalPair | None:
+    """The prompt before the last trained span, and the reference completion; None for text."""
+    ref = reference(sample)
+    if ref is None:
+        return None
+    segments = template.render(sample)
+    last = max((i for i, s in enumerate(segments) if s.trained), default=len(segments))
+    return EvalPair("".join(s.text for s in segments[:last]), ref)
