@@ -38,7 +38,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError, NoCredentialsError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from s3transfer.exceptions import TransferNotDoneError
+from s3transfer.exceptions import RetriesExceededError, TransferNotDoneError
 from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
@@ -71,6 +71,8 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_BLOCK = 4 * MiB
 _DELETE_BATCH = 1000
+# Everything boto3 and s3transfer raise for a failed request or transfer; all become StorageError.
+_TRANSFER_ERRORS = (ClientError, BotoCoreError, OSError, TransferNotDoneError, RetriesExceededError)
 
 
 # --------------------------------------------------------------------------- errors
@@ -464,7 +466,6 @@ class ObjectStore:
             verify=self.config.verify_tls,
             config=self.config.botocore_config(),
         )
-        self._session = session
 
     def __repr__(self) -> str:
         return f"ObjectStore(endpoint={self.config.effective_endpoint!r}, region={self.config.region!r})"
@@ -501,8 +502,6 @@ class ObjectStore:
     def _raise(self, operation: str, uri: object, exc: BaseException) -> NoReturn:
         code: str | None = None
         cls: type[StorageError] = StorageError
-        if isinstance(exc, StorageError):
-            raise exc
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
             code = str(
@@ -527,7 +526,9 @@ class ObjectStore:
         elif isinstance(exc, FileNotFoundError):
             cls = ObjectNotFoundError
             reason = f"not found: {exc.filename or exc}"
-        elif isinstance(exc, BotoCoreError | OSError | TransferNotDoneError):
+        elif isinstance(exc, RetriesExceededError):
+            reason = f"gave up after retries: {exc.last_exception}"
+        elif isinstance(exc, _TRANSFER_ERRORS):
             reason = str(exc) or type(exc).__name__
         else:
             reason = f"{type(exc).__name__}: {exc}"
@@ -540,7 +541,7 @@ class ObjectStore:
             yield
         except StorageError:
             raise
-        except (ClientError, BotoCoreError, OSError, TransferNotDoneError) as exc:
+        except _TRANSFER_ERRORS as exc:
             self._raise(operation, uri, exc)
 
     # ------------------------------------------------------------------ metadata
@@ -765,6 +766,7 @@ class ObjectStore:
     def _download_many(self, pairs: list[tuple[StorageURI, Path]]) -> list[Transfer]:
         results: dict[int, Transfer] = {}
         pending: list[tuple[int, StorageURI, Path, Path, int, str | None, Any]] = []
+        temps: list[Path] = []
         try:
             with self._transfer_manager() as manager:
                 for index, (src, dest) in enumerate(pairs):
@@ -780,6 +782,7 @@ class ObjectStore:
                     with self._errors("download", src):
                         dest.parent.mkdir(parents=True, exist_ok=True)
                         tmp = _partial_path(dest)
+                        temps.append(tmp)
                         future = manager.download(
                             src.bucket,
                             src.key,
@@ -793,7 +796,7 @@ class ObjectStore:
                         future.result()
                     results[index] = self._finish_download(src, dest, tmp, size, sha)
         except BaseException:
-            for _i, _s, _d, tmp, *_rest in pending:
+            for tmp in temps:
                 tmp.unlink(missing_ok=True)
             raise
         return [results[i] for i in range(len(pairs))]
