@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,10 @@ def test_missing_credential_keys_are_named_not_valued() -> None:
     assert "missing AWS_SECRET_ACCESS_KEY" in str(info.value)
     assert "secret kt/storage" in str(info.value)
     assert "AKIAEXAMPLEKEYID" not in str(info.value)
+
+
+def test_storage_imports_no_ml_framework() -> None:
+    """The operator image has no torch: importing storage must not pull it (or transformers) in."""
+    code = "import sys, kubetune.storage; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
