@@ -88,3 +88,9 @@ def jsonl(tmp_path: Path) -> Callable[..., Path]:
         return write_jsonl(tmp_path / name, rows)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer() -> Callable[..., PreTrainedTokenizerFast]:
+    """Build a test tokenizer with a chat template of the test's choosing."""
+    return build_tokenizer
