@@ -201,8 +201,8 @@ class Evaluation(Model):
 
 class Export(Model):
     merge: bool = Field(True, description="Merge the adapter into the base weights.")
-    quantize: list[Literal["bnb-4bit", "bnb-8bit", "gguf"]] = Field(
-        default_factory=list, max_length=3, description="Quantized exports of the merged model."
+    quantize: list[Literal["bnb-4bit", "bnb-8bit"]] = Field(
+        default_factory=list, max_length=2, description="Quantized exports of the merged model."
     )
 
 
@@ -411,11 +411,11 @@ RULES: tuple[Rule, ...] = (
         )
     ),
     Rule(
-        path="spec.export",
-        cel="self.quantize.all(q, q == 'gguf' || self.merge)",
-        message="bitsandbytes exports quantize the merged model: set merge",
-        holds=lambda s: s.export.merge or all(q == "gguf" for q in s.export.quantize),
-        field="quantize",
+        path="spec",
+        cel="size(self.export.quantize) == 0 || self.export.merge || self.method == 'full'",
+        message="quantized exports are made from the merged model: set export.merge",
+        holds=lambda s: not s.export.quantize or s.export.merge or s.method == Method.FULL,
+        field="export.quantize",
     ),
 )
 

@@ -78,7 +78,7 @@ INVALID = [
         "spec.scheduling.tolerations[0].effect",
         "one of",
     ),
-    ("spec.export", {"merge": False, "quantize": ["bnb-4bit"]}, "spec.export.quantize", "merged"),
+    ("spec.export", {"merge": False, "quantize": ["bnb-4bit"]}, "spec.export.quantize", "export.merge"),
     ("spec.training.earlyStopping", {"patience": 2}, "spec.training.earlyStopping", "evalEvery"),
 ]
 

@@ -1,0 +1,128 @@
+"""What a finished run leaves behind, besides the weights: metrics, report, model card, manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from kubetune import api
+from kubetune.storage import sha256_file
+from kubetune.trainer.context import RunContext
+
+MANIFEST = "manifest.json"
+
+
+def metrics_document(ctx: RunContext) -> dict[str, Any]:
+    assert ctx.data is not None
+    return {
+        "job": f"{ctx.job.metadata.namespace or 'default'}/{ctx.job.metadata.name}",
+        "runId": ctx.run_id,
+        "before": ctx.before,
+        "after": ctx.after,
+        "checks": ctx.checks,
+        "trainedTokens": ctx.trained_tokens,
+        "data": ctx.data.report.to_dict(),
+        "stageSeconds": ctx.timings,
+        "history": ctx.history,
+    }
+
+
+def loss_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def model_card(ctx: RunContext) -> str:
+    spec = ctx.spec
+    base = spec.model.name or spec.model.uri
+    keys = sorted(set(ctx.before) | set(ctx.after))
+    rows = "\n".join(f"| {k} | {_cell(ctx.before.get(k))} | {_cell(ctx.after.get(k))} |" for k in keys)
+    training = json.dumps(spec.training.to_wire(), indent=2)
+    method = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}[spec.method]
+    lora = "" if spec.method == api.Method.FULL else f"\nLoRA: `{json.dumps(spec.lora.to_wire())}`\n"
+    quant = spec.resolved_quantization()
+    qline = f"\nQuantized base while training: `{json.dumps(quant.to_wire())}`\n" if quant else ""
+    assert ctx.data is not None
+    return f"""---
+base_model: {base}
+library_name: {"peft" if spec.method != api.Method.FULL else "transformers"}
+tags: [kubetune, {spec.method}]
+---
+
+# {ctx.job.metadata.name}
+
+{method.capitalize()} of `{base}` by kubetune.
+
+## Data
+
+Training data `{spec.dataset.train}` ({ctx.data.format.value}, template {ctx.data.template});
+validation: {ctx.data.report.split}.
+
+```
+{chr(10).join(ctx.data.report.lines())}
+```
+
+## Training
+{lora}{qline}
+```json
+{training}
+```
+
+Trained tokens: {ctx.trained_tokens:,}.
+
+## Evaluation
+
+| metric | before | after |
+|---|---|---|
+{rows}
+
+![loss curves](report.png)
+
+## Files
+
+`adapter/` (PEFT adapter), `merged/` (full weights), `quantized/<format>/`, `metrics.json`,
+`predictions.jsonl`, `report.png`, and `manifest.json` listing every file with its SHA-256.
+"""
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def manifest(ctx: RunContext, files: list[Path]) -> dict[str, Any]:
+    """Every published file with size and SHA-256. Written last: no manifest, no result."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "FineTuneJobManifest",
+        "job": f"{ctx.job.metadata.namespace or 'default'}/{ctx.job.metadata.name}",
+        "runId": ctx.run_id,
+        "createdAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": [
+            {
+                "path": f.relative_to(ctx.staging).as_posix(),
+                "size": f.stat().st_size,
+                "sha256": sha256_file(f),
+            }
+            for f in sorted(files)
+        ],
+    }

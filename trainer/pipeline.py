@@ -1,0 +1,72 @@
+"""The trainer's flow: every stage in order, each reported, the manifest last."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from kubetune import api
+from kubetune.storage import ObjectStore, StorageConfig, StorageURI, join_uri, parse_uri
+from kubetune.trainer.context import RunContext
+from kubetune.trainer.reporter import Reporter
+from kubetune.trainer.stages import baseline, evaluate, fetch, merge, prepare, push, quantize, train
+
+Stage = Callable[[RunContext], None]
+
+STAGES: list[tuple[api.Stage, Stage]] = [
+    (api.Stage.FETCH, fetch.run),
+    (api.Stage.PREPARE, prepare.run),
+    (api.Stage.BASELINE, baseline.run),
+    (api.Stage.TRAIN, train.run),
+    (api.Stage.EVALUATE, evaluate.run),
+    (api.Stage.MERGE, merge.run),
+    (api.Stage.QUANTIZE, quantize.run),
+    (api.Stage.PUSH, push.run),
+]
+
+
+def artifact_root(job: api.FineTuneJob, override: str | None = None) -> StorageURI:
+    """`--output` as given, else `<spec.output.uri>/<namespace>/<name>/`."""
+    if override is not None:
+        return parse_uri(override)
+    namespace = job.metadata.namespace or "default"
+    return join_uri(job.spec.output.uri, namespace, job.metadata.name)
+
+
+def storage_config(spec: api.FineTuneJobSpec) -> StorageConfig:
+    """Credentials come from the standard AWS chain (the pod gets the job's Secret as env)."""
+    return StorageConfig(endpoint=spec.storage.endpoint, region=spec.storage.region)
+
+
+def execute(
+    job: api.FineTuneJob,
+    reporter: Reporter,
+    *,
+    workdir: Path,
+    output: str | None = None,
+    store: ObjectStore | None = None,
+) -> RunContext:
+    """Run every stage of `job`; the context holds metrics, checks and timings afterwards."""
+    run_id = uuid.uuid4().hex[:12]
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(
+        job=job,
+        workdir=workdir,
+        output=artifact_root(job, output),
+        store=store or ObjectStore(storage_config(job.spec)),
+        reporter=reporter,
+        run_id=run_id,
+    )
+    shutil.rmtree(ctx.staging, ignore_errors=True)
+    for stage, step in STAGES:
+        if stage == api.Stage.BASELINE and not job.spec.evaluation.baseline:
+            continue
+        reporter.stage_started(stage)
+        started = time.monotonic()
+        step(ctx)
+        ctx.timings[stage.value] = round(time.monotonic() - started, 2)
+        reporter.stage_finished(stage, ctx.timings[stage.value])
+    return ctx

@@ -1,0 +1,103 @@
+"""`kubetune run` (this machine) and `kubetune trainer` (inside the operator's pod)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kubetune import exitcodes
+from kubetune.storage import StorageError
+from kubetune.trainer.checkpoints import Interrupted
+from kubetune.trainer.context import RunContext
+from kubetune.trainer.data import DataError
+from kubetune.trainer.presets import cache_root
+from kubetune.trainer.reporter import ConsoleReporter, Reporter
+from kubetune.validation import InvalidJob, load_job
+
+
+def quiet_libraries() -> None:
+    """Our reporter speaks for the run; the libraries' own bars and notices would drown it."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="(transformers|peft|bitsandbytes|torch|accelerate)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def run_job_file(
+    path: Path, reporter: Reporter, console: Console, *, output: str | None, workdir: Path
+) -> int:
+    try:
+        job = load_job(path)
+    except InvalidJob as exc:
+        console.print(str(exc), markup=False, highlight=False)
+        return exitcodes.CONFIG_ERROR_EXIT_CODE
+    quiet_libraries()
+    from kubetune.trainer.pipeline import execute
+
+    try:
+        ctx = execute(job, reporter, workdir=workdir, output=output)
+    except (DataError, InvalidJob) as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        return exitcodes.CONFIG_ERROR_EXIT_CODE
+    except (StorageError, Interrupted) as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        return exitcodes.FAILURE
+    summary(ctx, console)
+    return exitcodes.OK
+
+
+def run_local(path: Path, output: str | None = None) -> int:
+    console = Console(soft_wrap=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=_ensure(cache_root() / "work")))
+    try:
+        code = run_job_file(path, ConsoleReporter(console), console, output=output, workdir=scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # Bad input is exit status 1 on the command line; the pod's distinct code is for the Job.
+    return exitcodes.FAILURE if code == exitcodes.CONFIG_ERROR_EXIT_CODE else code
+
+
+def run_in_pod(config: Path) -> int:
+    from kubetune.trainer.status import pod_reporter
+
+    console = Console(soft_wrap=True)
+    workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/var/cache/kubetune/work"))
+    return run_job_file(
+        config, pod_reporter(console), console, output=os.environ.get("KUBETUNE_OUTPUT"), workdir=workdir
+    )
+
+
+def summary(ctx: RunContext, console: Console) -> None:
+    table = Table(title=f"{ctx.job.metadata.name}: {ctx.spec.method}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in sorted(set(ctx.before) | set(ctx.after)):
+        table.add_row(key, _cell(ctx.before.get(key)), _cell(ctx.after.get(key)))
+    console.print(table)
+    console.print(f"artifacts: {ctx.output}", markup=False, highlight=False)
+    for path in sorted(p for p in ctx.staging.iterdir()):
+        console.print(
+            f"  {ctx.output.join(path.name)}{'/' if path.is_dir() else ''}", markup=False, highlight=False
+        )
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,28 @@
+"""prepare: tokenizer and data (formats, templates, labels, splits), then the trainable model."""
+
+from __future__ import annotations
+
+from kubetune.trainer import modeling
+from kubetune.trainer.context import RunContext
+from kubetune.trainer.data import prepare
+
+
+def run(ctx: RunContext) -> None:
+    assert ctx.model_source is not None and ctx.train_file is not None
+    ctx.tokenizer = modeling.load_tokenizer(ctx.spec, ctx.model_source)
+    ctx.data = prepare(
+        ctx.spec.dataset,
+        ctx.spec.training,
+        ctx.tokenizer,
+        seed=ctx.spec.training.seed,
+        train_path=ctx.train_file,
+        validation_path=ctx.validation_file,
+    )
+    for line in ctx.data.report.lines():
+        ctx.reporter.log(line)
+    ctx.model = modeling.trainable_model(ctx.spec, ctx.model_source)
+    trainable, total = modeling.parameter_counts(ctx.model)
+    ctx.reporter.log(
+        f"model: {ctx.spec.method} on {modeling.device().type}, "
+        f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.1%})"
+    )

@@ -1,0 +1,51 @@
+"""push: write the report, model card and metrics, publish everything, the manifest last.
+
+A re-run of the same job never leaves a mix of two runs behind a manifest: the old manifest
+is removed first, files the new run did not produce are deleted, and only then is the new
+manifest written.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kubetune import api
+from kubetune.trainer import artifacts
+from kubetune.trainer.context import RunContext
+
+
+def run(ctx: RunContext) -> None:
+    staging = ctx.staging
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "metrics.json").write_text(json.dumps(artifacts.metrics_document(ctx), indent=2) + "\n")
+    artifacts.loss_curve(ctx.history, staging / "report.png", f"{ctx.job.metadata.name}: {ctx.spec.method}")
+    (staging / "README.md").write_text(artifacts.model_card(ctx), encoding="utf-8")
+    files = [f for f in staging.rglob("*") if f.is_file()]
+
+    store, root = ctx.store, ctx.output
+    store.delete(root.join(artifacts.MANIFEST))
+    store.upload_prefix(staging, root)
+    published = {f.relative_to(staging).as_posix() for f in files}
+    for info in store.list_prefix(root):
+        if info.name not in published and not info.name.startswith("checkpoints/"):
+            store.delete(info.uri)
+    store.write_json(root.join(artifacts.MANIFEST), artifacts.manifest(ctx, files))
+
+    def uri(name: str) -> str | None:
+        return str(root.join(name)) if (staging / name).exists() else None
+
+    quantized = staging / "quantized"
+    ctx.reporter.artifacts(
+        api.Artifacts(
+            root=str(root),
+            adapter=uri("adapter"),
+            merged=uri("merged"),
+            quantized={d.name: str(root.join("quantized", d.name)) for d in sorted(quantized.iterdir())}
+            if quantized.is_dir()
+            else {},
+            metrics=uri("metrics.json"),
+            report=uri("report.png"),
+            model_card=uri("README.md"),
+            manifest=str(root.join(artifacts.MANIFEST)),
+        )
+    )

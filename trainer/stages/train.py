@@ -1,0 +1,163 @@
+"""train: transformers' Trainer on the prepared examples, reporting progress as it goes."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from kubetune import api
+from kubetune.trainer import checkpoints, modeling
+from kubetune.trainer.context import RunContext
+from kubetune.trainer.data import PackedCollator, PaddingCollator
+
+
+def training_arguments(
+    spec: api.FineTuneJobSpec, output_dir: Path, *, has_validation: bool
+) -> TrainingArguments:
+    """The spec's training section in transformers' terms (pure: no I/O happens here)."""
+    t = spec.training
+    dtype = modeling.compute_dtype(t.precision)
+    evaluating = has_validation and t.eval_every is not None
+    saving = t.checkpoint_every is not None or (evaluating and t.early_stopping is not None)
+    save_steps = t.checkpoint_every or t.eval_every or 500
+    if evaluating and t.early_stopping is not None:
+        assert t.eval_every is not None
+        save_steps = t.eval_every * max(1, round(save_steps / t.eval_every))  # must be a multiple
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a value below 1 is a fraction of all steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs if t.epochs is not None else 1.0,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=max(1, min(10, (t.max_steps or 100) // 20)),
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=t.eval_every if evaluating else None,
+        save_strategy="steps" if saving else "no",
+        save_steps=save_steps,
+        save_total_limit=2 if saving else None,
+        load_best_model_at_end=evaluating and t.early_stopping is not None,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+class CountingCollator:
+    """Counts the real (non-padding) tokens that go into training, for tokens per second."""
+
+    def __init__(self, inner: Callable[[Sequence[Any]], dict[str, torch.Tensor]]) -> None:
+        self.inner = inner
+        self.tokens = 0
+
+    def __call__(self, batch: Sequence[Any]) -> dict[str, torch.Tensor]:
+        self.tokens += sum(len(item.input_ids) for item in batch)
+        return self.inner(batch)
+
+
+class ReportProgress(TrainerCallback):
+    def __init__(self, ctx: RunContext, counter: CountingCollator) -> None:
+        self.ctx = ctx
+        self.counter = counter
+        self.started = time.monotonic()
+        self.eval_loss: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.monotonic()
+        self.first_step = state.global_step
+        self.counter.tokens = 0
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+    ) -> None:
+        logs = logs or {}
+        if "eval_loss" in logs:
+            self.eval_loss = logs["eval_loss"]
+        entry = {"step": float(state.global_step), **{k: float(v) for k, v in logs.items() if _number(v)}}
+        self.ctx.history.append(entry)
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        done = state.global_step - self.first_step
+        remaining = state.max_steps - state.global_step
+        self.ctx.reporter.progress(
+            api.Progress(
+                stage=api.Stage.TRAIN,
+                step=state.global_step,
+                total_steps=state.max_steps,
+                percent=int(100 * state.global_step / max(state.max_steps, 1)),
+                epoch=round(state.epoch or 0.0, 3),
+                loss=logs.get("loss"),
+                eval_loss=self.eval_loss,
+                learning_rate=logs.get("learning_rate"),
+                tokens_per_second=round(self.counter.tokens / elapsed, 1),
+                eta_seconds=int(elapsed / done * remaining) if done else None,
+            )
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def run(ctx: RunContext) -> None:
+    assert ctx.data is not None
+    data, spec = ctx.data, ctx.spec
+    pad = ctx.tokenizer.pad_token_id
+    if spec.training.packing:
+        train_set: Sequence[Any] = data.train_packed or []
+        counter = CountingCollator(PackedCollator(pad))
+    else:
+        train_set = data.train
+        counter = CountingCollator(PaddingCollator(pad))
+    args = training_arguments(spec, ctx.workdir / "trainer", has_validation=bool(data.validation))
+    callbacks: list[TrainerCallback] = [ReportProgress(ctx, counter)]
+    if args.load_best_model_at_end and spec.training.early_stopping is not None:
+        stop = spec.training.early_stopping
+        callbacks.append(EarlyStoppingCallback(stop.patience, stop.threshold))
+    sync = checkpoints.CheckpointSync(ctx) if spec.training.checkpoint_every else None
+    if sync is not None:
+        callbacks.append(sync)
+    trainer = Trainer(
+        model=ctx.model,
+        args=args,
+        train_dataset=train_set,  # type: ignore[arg-type]
+        eval_dataset=data.validation or None,  # type: ignore[arg-type]
+        data_collator=counter,
+        processing_class=ctx.tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes through the reporter
+    resume = sync.restore() if sync is not None else None
+    with checkpoints.save_on_sigterm(trainer):
+        result = trainer.train(resume_from_checkpoint=resume)
+    ctx.trained_tokens = counter.tokens
+    ctx.checks["train_runtime_seconds"] = float(result.metrics.get("train_runtime", 0.0))
+    ctx.checks["global_step"] = float(trainer.state.global_step)
+    ctx.model = trainer.model
+    ctx.staging.mkdir(parents=True, exist_ok=True)
+    if spec.method == api.Method.FULL:
+        trainer.model.save_pretrained(ctx.staging / "merged", safe_serialization=True)
+        ctx.tokenizer.save_pretrained(ctx.staging / "merged")
+    else:
+        trainer.model.save_pretrained(ctx.staging / "adapter", safe_serialization=True)
+        ctx.tokenizer.save_pretrained(ctx.staging / "adapter")
