@@ -8,8 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 from typer.testing import CliRunner
 
@@ -152,7 +152,7 @@ CASES: list[tuple[str, str, bytes, str, str]] = [
 
 
 @pytest.mark.parametrize(("kind", "name", "content", "fmt", "message"), CASES, ids=[c[0] for c in CASES])
-def test_bad_data_names_file_and_line(  # noqa: PLR0917
+def test_bad_data_names_file_and_line(
     tmp_path: Path, plain_tokenizer: Any, kind: str, name: str, content: bytes, fmt: str, message: str
 ) -> None:
     path = tmp_path / name

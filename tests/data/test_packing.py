@@ -124,12 +124,17 @@ def model(request: pytest.FixtureRequest, plain_tokenizer: Any, one_thread: None
         num_key_value_heads=2,
         max_position_embeddings=128,
     )
-    return LlamaForCausalLM._from_config(config, attn_implementation=request.param).eval()
+    model: LlamaForCausalLM = LlamaForCausalLM._from_config(  # type: ignore[no-untyped-call]
+        config, attn_implementation=request.param
+    )
+    model.eval()  # type: ignore[no-untyped-call]
+    return model
 
 
 def logits_alone(model: LlamaForCausalLM, example: Example) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+        logits: torch.Tensor = model(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+    return logits
 
 
 def test_packed_logits_equal_logits_alone(model: LlamaForCausalLM, examples: list[Example]) -> None:

@@ -15,10 +15,10 @@ from rich.text import Text
 
 from kubetune.trainer.data.errors import DataError
 from kubetune.trainer.data.formats import detect_format, parse_format, parse_rows, row_variant
-from kubetune.trainer.data.prepare import LengthStats, dedupe, render, tokenize_split
+from kubetune.trainer.data.prepare import LengthStats, dedupe, render, truncate_split
 from kubetune.trainer.data.sources import load_rows
 from kubetune.trainer.data.templates import Segment, resolve_template
-from kubetune.trainer.data.tokens import IGNORE_INDEX, Example, encode_segments
+from kubetune.trainer.data.tokens import IGNORE_INDEX, Example, encode_segments, truncate
 
 TRAINED_STYLE = "bold green"
 
@@ -34,7 +34,7 @@ def run_inspect(
                 return _inspect(local, path, fmt, examples, model, max_seq_length, console)
         return _inspect(path, path, fmt, examples, model, max_seq_length, console)
     except DataError as e:
-        console.print(Text(f"error: {e}", style="red"))
+        console.print(Text(f"error: {e}", style="red"), soft_wrap=True)
         return 1
 
 
@@ -50,7 +50,7 @@ def _download(uri: str, scratch: Path) -> str:
     return str(dest)
 
 
-def _inspect(  # noqa: PLR0917
+def _inspect(
     path: str, shown: str, fmt_name: str, n: int, model: str | None, max_seq_length: int, console: Console
 ) -> int:
     declared = parse_format(fmt_name)
@@ -61,38 +61,37 @@ def _inspect(  # noqa: PLR0917
     template = resolve_template("auto", fmt, tokenizer)
     rendered = render(records, template)
 
+    def say(text: Text | str) -> None:
+        # soft_wrap: rich must not insert line breaks into data it shows
+        console.print(text if isinstance(text, Text) else Text(text), soft_wrap=True)
+
     how = "detected" if declared.value == "auto" else "declared"
-    console.print(Text(f"dataset: {shown}"))
-    console.print(
-        Text(f"format: {fmt.value} ({how}: {row_variant(rows.rows[0])}), template: {template.name}")
-    )
-    console.print(Text(f"rows: {len(rows)}, duplicates removed: {duplicates}, distinct: {len(records)}"))
+    say(f"dataset: {shown}")
+    say(f"format: {fmt.value} ({how}: {row_variant(rows.rows[0])}), template: {template.name}")
+    say(f"rows: {len(rows)}, duplicates removed: {duplicates}, distinct: {len(records)}")
 
     encoded: list[Example] = []
     if tokenizer is not None:
-        kept, report = tokenize_split(rendered, tokenizer, max_seq_length, train_on_inputs=False)
         encoded = encode_segments(rendered, tokenizer)
-        console.print(Text(f"tokens ({model} tokenizer): {_stats(report.lengths)}"))
-        console.print(
-            Text(
-                f"truncated to max_seq_length {max_seq_length}: {report.truncated} kept, "
-                f"{report.dropped} dropped (nothing left to train on); "
-                f"{report.trained_tokens} trained tokens in {len(kept)} examples"
-            )
+        kept, report = truncate_split(encoded, max_seq_length)
+        say(f"tokens ({model} tokenizer): {_stats(report.lengths)}")
+        say(
+            f"longer than max_seq_length {max_seq_length}: {report.truncated + report.dropped} row(s), "
+            f"{report.truncated} truncated, {report.dropped} dropped (no trained token left)"
         )
+        say(f"trained tokens: {report.trained_tokens} in {len(kept)} example(s)")
     else:
         words = [len("".join(s.text for s in segments).split()) for segments in rendered]
-        console.print(Text(f"whitespace words (no --model, so not tokens): {_stats(LengthStats.of(words))}"))
+        say(f"whitespace words (no --model, so not tokens): {_stats(LengthStats.of(words))}")
 
     plain = console.color_system is None
-    legend = "[[...]]" if plain else "green"
-    console.print(Text(f"examples: trained spans (carry loss) in {legend}", style="dim"))
+    say(Text(f"examples: trained spans (carry loss) in {'[[...]]' if plain else 'green'}", style="dim"))
     for i, record in enumerate(records[: max(n, 0)]):
         console.rule(Text(f"example {i + 1} ({rows.source}:{record.line})"), align="left")
         if tokenizer is not None:
-            console.print(_token_view(encoded[i], tokenizer, max_seq_length, plain))
+            say(_token_view(encoded[i], tokenizer, max_seq_length, plain))
         else:
-            console.print(_segment_view(rendered[i], plain))
+            say(_segment_view(rendered[i], plain))
     return 0
 
 
@@ -123,9 +122,10 @@ def _token_view(example: Example, tokenizer: Any, max_seq_length: int, plain: bo
         text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         view.append_text(_span(text, trained, plain))
     if len(pairs) > max_seq_length:
-        view.append_text(
-            Text(f" ... truncated: {len(pairs) - max_seq_length} of {len(pairs)} tokens cut", style="yellow")
-        )
+        cut = f" ... truncated: {len(pairs) - max_seq_length} of {len(pairs)} tokens cut"
+        if truncate(example, max_seq_length) is None:
+            cut += "; dropped (no trained token left)"
+        view.append_text(Text(cut, style="yellow"))
     return view
 
 

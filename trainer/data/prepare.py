@@ -140,6 +140,11 @@ def tokenize_split(
     segments: Sequence[Sequence[Segment]], tokenizer: Any, max_seq_length: int, *, train_on_inputs: bool
 ) -> tuple[list[Example], SplitReport]:
     full = encode_segments(segments, tokenizer, train_on_inputs=train_on_inputs)
+    return truncate_split(full, max_seq_length)
+
+
+def truncate_split(full: Sequence[Example], max_seq_length: int) -> tuple[list[Example], SplitReport]:
+    """Truncate every example; those with nothing left to train on are dropped. Both are counted."""
     kept = []
     truncated = dropped = 0
     for example in full:
