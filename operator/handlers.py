@@ -9,6 +9,7 @@ A FineTuneJob is never reconciled by two tasks at once.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Controller:
     _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     _dirty: set[Key] = field(default_factory=set)
     _workers: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    _last_jobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
     reconciliations: int = 0
 
     async def reconcile(self, namespace: str, name: str) -> Result:
@@ -53,10 +55,18 @@ class Controller:
             self.metrics.reconcile_total.inc()
             with self.metrics.reconcile_duration.time():
                 try:
-                    return await asyncio.to_thread(self.reconciler.reconcile, namespace, name)
+                    return await asyncio.to_thread(
+                        self.reconciler.reconcile,
+                        namespace,
+                        name,
+                        last_seen_job=self._last_jobs.get((namespace, name)),
+                    )
                 except Exception:
                     self.metrics.reconcile_errors.inc()
                     raise
+
+    def saw_job(self, namespace: str, name: str, job: Mapping[str, Any]) -> None:
+        self._last_jobs[(namespace, name)] = copy.deepcopy(dict(job))
 
     def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
         key = (namespace, name)
@@ -89,6 +99,7 @@ class Controller:
 
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
+        self._last_jobs.pop((namespace, name), None)
 
     async def close(self) -> None:
         workers = list(self._workers.values())
@@ -175,7 +186,9 @@ def track_finetunejob(
 async def trainer_job_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     owner = owner_name(body)
     if owner and namespace:
-        _runtime(memo).controller.kick(namespace, owner)
+        controller = _runtime(memo).controller
+        controller.saw_job(namespace, owner, body)
+        controller.kick(namespace, owner)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=REGISTRY)

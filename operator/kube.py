@@ -101,9 +101,22 @@ class Kube:
             "PATCH", self.path(kind, namespace, name, subresource), body=patch, content_type=MERGE_PATCH
         )
 
-    def list(self, kind: str, namespace: str, *, label_selector: str | None = None) -> list[dict[str, Any]]:
-        query = {"labelSelector": label_selector} if label_selector else None
-        items: list[dict[str, Any]] = (
-            self.request("GET", self.path(kind, namespace), query=query).get("items") or []
-        )
+    def list(
+        self,
+        kind: str,
+        namespace: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector, "fieldSelector": field_selector}
+        found = self.request("GET", self.path(kind, namespace), query={k: v for k, v in query.items() if v})
+        items: list[dict[str, Any]] = found.get("items") or []
         return items
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self.request("DELETE", self.path(kind, namespace, name))
+        except ApiException as error:
+            if error.status != 404:
+                raise

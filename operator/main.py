@@ -39,7 +39,7 @@ class Endpoints:
     health_port: int = 8081
 
 
-def settings(*, peering: str | None = None, watch_timeout: float = 300.0) -> kopf.OperatorSettings:
+def settings(*, peering: str | None = None, watch_timeout: int = 300) -> kopf.OperatorSettings:
     out = kopf.OperatorSettings()
     if peering:
         out.peering.name = peering
@@ -168,6 +168,9 @@ def run_operator(
         )
     except KeyboardInterrupt:
         pass
+    except Exception:
+        logger.exception("the operator stopped on an error")
+        return 1
     finally:
         client.close()  # type: ignore[no-untyped-call]
     return 0

@@ -51,6 +51,7 @@ OPERATOR_FIELDS = (
     "message",
 )
 MESSAGE_LIMIT = 1024
+JOB_TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
 
 
 @dataclass(frozen=True)
@@ -265,15 +266,29 @@ def assess(
         if unschedulable:
             detail = str(unschedulable.get("message") or "no node fits").strip()
             return Assessment(PENDING, "Unschedulable", f"the trainer pod cannot be scheduled: {detail}")
-    if int(job_status.get("failed") or 0) > 0:
+    if _settling(job, pods) and status.get("phase"):
+        # Until the Job controller has counted an ended pod, keep what was last written.
+        return _previous(status)
+    used = _count(job, "failed")
+    if used > 0:
         last = _failure(failed_pods[-1]) if failed_pods else "failed"
-        used = int(job_status["failed"])
         return Assessment(
             PENDING,
             "Retrying",
             f"attempt {used} {last}; retrying ({used} of {spec.backoff_limit + 1} attempts used)",
         )
     return Assessment(PENDING, "PodPending", "waiting for the trainer pod to start")
+
+
+def _previous(status: Mapping[str, Any]) -> Assessment:
+    running: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == RUNNING_CONDITION), {}
+    )
+    return Assessment(
+        str(status["phase"]),
+        str(running.get("reason") or status["phase"]),
+        str(status.get("message") or running.get("message") or ""),
+    )
 
 
 def _failed(
@@ -301,7 +316,7 @@ def _failed(
             f"the trainer ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)",
         )
     if reason == "BackoffLimitExceeded":
-        failed = int(job_status.get("failed") or 0)
+        failed = _count({"status": job_status}, "failed")
         last = _failure(last_failed) if last_failed else "failed"
         head = (
             f"the trainer failed {failed} time(s) (backoffLimit {spec.backoff_limit}); "
@@ -315,14 +330,35 @@ def _failed(
     return Assessment(FAILED, reason, detail or "the trainer Job failed")
 
 
+def _count(job: Mapping[str, Any], kind: str) -> int:
+    """Pods the Job counts as ``kind`` (failed or succeeded), those not yet in the counter included."""
+    status = job.get("status") or {}
+    uncounted = (status.get("uncountedTerminatedPods") or {}).get(kind) or []
+    return int(status.get(kind) or 0) + len(uncounted)
+
+
 def _attempts(job: Mapping[str, Any] | None, spec: api.FineTuneJobSpec) -> int | None:
     """Trainer attempts started: pods created, counted per node for multi-node jobs."""
     if job is None:
         return None
-    status = job.get("status") or {}
-    pods = sum(int(status.get(k) or 0) for k in ("failed", "succeeded", "active"))
+    pods = (
+        _count(job, "failed") + _count(job, "succeeded") + int((job.get("status") or {}).get("active") or 0)
+    )
     nodes = spec.resources.nodes
     return -(-pods // nodes)
+
+
+def _settling(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> bool:
+    """A pod has ended but the Job controller has not yet counted it: the Job's state is stale."""
+    uncounted = ((job.get("status") or {}).get("uncountedTerminatedPods")) or {}
+    waiting = {uid for uids in uncounted.values() for uid in uids or []}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if _phase(pod) in ("Succeeded", "Failed") and (
+            JOB_TRACKING_FINALIZER in (meta.get("finalizers") or []) or meta.get("uid") in waiting
+        ):
+            return True
+    return False
 
 
 def _completion_time(job: Mapping[str, Any] | None, now: str) -> str:

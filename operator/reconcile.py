@@ -62,7 +62,11 @@ class Reconciler:
         self.clock = clock
         self.instance = instance or socket.gethostname()
 
-    def reconcile(self, namespace: str, name: str) -> Result:
+    def reconcile(
+        self, namespace: str, name: str, *, last_seen_job: Mapping[str, Any] | None = None
+    ) -> Result:
+        """One pass. ``last_seen_job`` is the trainer Job as a watch last showed it: the only
+        record of how it ended once a TTL or a person deleted it."""
         body = self.kube.get(api.KIND, namespace, name)
         if body is None:
             return Result()
@@ -86,6 +90,8 @@ class Reconciler:
             plan.job, uid, create=conflict is None and not status.get("startTime")
         )
         conflict = conflict or clash
+        if job is None and not conflict and last_seen_job is not None and _owned_by(last_seen_job, uid):
+            job = dict(last_seen_job)
 
         if job is not None and not conflict:
             patch = planning.suspend_patch(job_model.spec, job)

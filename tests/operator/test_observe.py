@@ -487,3 +487,30 @@ def test_long_messages_are_cut() -> None:
     )
     assert len(update.message) <= obs.MESSAGE_LIMIT
     assert all(len(c["message"]) <= obs.MESSAGE_LIMIT for c in update.conditions)
+
+
+def test_an_ended_pod_the_job_has_not_counted_yet_changes_nothing() -> None:
+    status = applied({}, run(job(active=1, ready=1), [pod("Running")]))
+    done = pod("Succeeded", terminated={"exitCode": 0, "reason": "Completed"})
+    done["metadata"]["finalizers"] = ["batch.kubernetes.io/job-tracking"]
+    settling = run(job(active=1), [done], status=status, now=T0 + timedelta(seconds=5))
+    assert (settling.phase, settling.reason) == ("Running", "PodRunning")
+    assert settling.events == [] and settling.patch(status) == {}
+
+    # Counted in uncountedTerminatedPods, finalizer already gone: still settling.
+    done["metadata"] = {**done["metadata"], "finalizers": [], "uid": "pod-1"}
+    counted_soon = job(uncountedTerminatedPods={"succeeded": ["pod-1"]})
+    assert run(counted_soon, [done], status=status).phase == "Running"
+    # Once counted, the pod no longer holds the phase back.
+    assert run(job(failed=1), [pod("Failed", terminated={"exitCode": 1})], status=status).reason == "Retrying"
+
+
+def test_uncounted_pods_count_as_attempts() -> None:
+    failing = job(
+        conditions=[("FailureTarget", "BackoffLimitExceeded")],
+        failed=1,
+        uncountedTerminatedPods={"failed": ["pod-2"]},
+    )
+    update = run(failing, [pod("Failed", terminated={"exitCode": 1})], the_spec=spec(backoffLimit=1))
+    assert update.attempts == 2
+    assert "failed 2 time(s)" in update.message
