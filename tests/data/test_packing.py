@@ -151,6 +151,17 @@ def test_packed_logits_equal_logits_alone(model: LlamaForCausalLM, examples: lis
             start += n
 
 
+def test_flattened_batch_logits_equal_logits_alone(model: LlamaForCausalLM, examples: list[Example]) -> None:
+    """The padding-free layout: the whole batch as one row (what flash attention needs)."""
+    batch = PackedCollator(pad_token_id=0, flatten=True)(examples)
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits[0]
+    start = 0
+    for example in examples:
+        torch.testing.assert_close(logits[start : start + len(example)], logits_alone(model, example))
+        start += len(example)
+
+
 def test_packed_loss_sums_the_examples_losses(model: LlamaForCausalLM, examples: list[Example]) -> None:
     """The masked first label of each example: no target is predicted across an example boundary."""
     rows = pack(examples, 40)

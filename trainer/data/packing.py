@@ -6,8 +6,10 @@ builds a block-diagonal causal mask, so no example attends to another, under two
 the batch has no ``attention_mask`` and the model runs without a KV cache (``use_cache=False``;
 ``Trainer`` sets it from ``TrainingArguments.use_cache``, off by default). Hence the packed
 collator pads a row with a block of its own (positions restarting again, labels -100) instead of
-returning an attention mask. This holds for the ``sdpa``, ``eager`` and ``flex_attention``
-backends; ``flash_attention_2/3`` find the same boundaries from ``position_ids``.
+returning an attention mask. This holds for the ``sdpa`` and ``eager`` backends (tested) and
+``flex_attention`` (same mask path). ``flash_attention_2/3`` read the boundaries from
+``position_ids`` only when the batch is a single row: with them, use
+``PackedCollator(pad_token_id, flatten=True)``, or examples of a packed batch attend to each other.
 
 The first label of every example in a packed row is -100: it would otherwise be predicted from
 the previous example's last token (unpacked, position 0 is never a target anyway).
@@ -101,7 +103,8 @@ class PaddingCollator:
 class PackedCollator:
     """Packed rows (or single examples) with position_ids and no attention mask.
 
-    ``flatten=True`` concatenates the whole batch into one row: the padding-free layout.
+    ``flatten=True`` concatenates the whole batch into one row: the padding-free layout, and the
+    only one flash attention isolates examples in.
     """
 
     pad_token_id: int
