@@ -8,15 +8,16 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from kubetune.trainer.context import RunContext
+
 from kubetune import exitcodes
 from kubetune.storage import StorageError
-from kubetune.trainer.checkpoints import Interrupted
-from kubetune.trainer.context import RunContext
-from kubetune.trainer.data import DataError
 from kubetune.trainer.presets import cache_root
 from kubetune.trainer.reporter import ConsoleReporter, Reporter
 from kubetune.validation import InvalidJob, load_job
@@ -44,6 +45,8 @@ def run_job_file(
         console.print(str(exc), markup=False, highlight=False)
         return exitcodes.CONFIG_ERROR_EXIT_CODE
     quiet_libraries()
+    from kubetune.trainer.checkpoints import Interrupted
+    from kubetune.trainer.data import DataError
     from kubetune.trainer.pipeline import execute
 
     try:
