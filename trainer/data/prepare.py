@@ -72,7 +72,9 @@ class DataReport:
         how = "detected" if self.detected else "declared"
         out = [
             f"format: {self.format} ({how}; {self.variant}), template: {self.template}",
-            f"rows: {self.train_rows} train, {self.validation_rows} validation ({self.split})",
+            f"rows read: {self.train_rows} train"
+            + (f", {self.validation_rows} validation" if self.split.startswith("validation file") else "")
+            + f"; validation: {self.split}",
             f"duplicates removed: {self.duplicates_removed} train, {self.validation_duplicates_removed} "
             f"validation, {self.validation_overlap_removed} validation rows also in train",
         ]
@@ -194,7 +196,7 @@ def prepare(
         train_records, val_records = split_records(train_records, dataset.validation_split, seed)
         split = f"validation_split {dataset.validation_split}, seed {seed}"
     else:
-        split = "no validation"
+        split = "none"
 
     template = resolve_template(dataset.template, fmt, tokenizer)
     max_len = training.max_seq_length
