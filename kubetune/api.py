@@ -341,11 +341,19 @@ class ObjectMeta(BaseModel):
 
 
 class FineTuneJob(Model):
-    api_version: Literal["kubetune.io/v1alpha1"] = API_VERSION
-    kind: Literal["FineTuneJob"] = KIND
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None
+
+
+def _no_parent_segment(parent: str, field: str) -> Callable[[FineTuneJobSpec], bool]:
+    def holds(spec: FineTuneJobSpec) -> bool:
+        uri = getattr(getattr(spec, parent), field)
+        return uri is None or not re.search(PARENT_SEGMENT, uri)
+
+    return holds
 
 
 @dataclass(frozen=True)
@@ -400,14 +408,14 @@ RULES: tuple[Rule, ...] = (
             path=f"spec.{parent}",
             cel=f"!has(self.{field}) || !self.{field}.matches('{PARENT_SEGMENT}')",
             message="must not contain a '..' segment",
-            holds=lambda s, get=get: (uri := get(s)) is None or not re.search(PARENT_SEGMENT, uri),
+            holds=_no_parent_segment(parent, field),
             field=field,
         )
-        for parent, field, get in (
-            ("model", "uri", lambda s: s.model.uri),
-            ("dataset", "train", lambda s: s.dataset.train),
-            ("dataset", "validation", lambda s: s.dataset.validation),
-            ("output", "uri", lambda s: s.output.uri),
+        for parent, field in (
+            ("model", "uri"),
+            ("dataset", "train"),
+            ("dataset", "validation"),
+            ("output", "uri"),
         )
     ),
     Rule(

@@ -114,10 +114,10 @@ def keep_cpu_weights_trainable(model: Any) -> None:
     autograd through the base weights, so LoRA gradients of all earlier layers come out wrong
     with no error. A baseline evaluation is exactly such a pass.
     """
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Linear4bit
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
 
 

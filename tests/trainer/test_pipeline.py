@@ -66,7 +66,7 @@ def test_each_method_lowers_the_validation_loss(method: str, extra: dict[str, An
     ctx = execute(job, recorder, workdir=tmp_path / "work", output=str(tmp_path / "out"))
     assert ctx.after["loss"] < ctx.before["loss"] - 0.5, (ctx.before, ctx.after)
     assert recorder.stages == [s.value for s in api.Stage]
-    steps = [p.step for p in recorder.progress_seen]
+    steps = [p.step or 0 for p in recorder.progress_seen]
     assert steps == sorted(steps) and steps[-1] == 12
     assert recorder.results_seen[-1].before == ctx.before
     weights = "merged" if method == "full" else "adapter"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
+from bitsandbytes.nn.modules import Linear4bit
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -37,8 +37,9 @@ def dequantized_copy(quantized: Any) -> Any:
     model = AutoModelForCausalLM.from_pretrained(presets.preset_path(PRESET), dtype=torch.float32)
     linear = dict(model.named_modules())
     for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        if isinstance(module, Linear4bit):
+            packed: Any = module.weight
+            weight = dequantize_4bit(packed.data, packed.quant_state).float()
             linear[name].weight.data.copy_(weight)
     return model
 

@@ -47,4 +47,5 @@ def _logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     dev = next(model.parameters()).device
     out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
     mask = batch["attention_mask"].to(dev).bool()
-    return out.logits.float()[mask]
+    logits: torch.Tensor = out.logits.float()
+    return logits[mask]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kubetune import api
@@ -27,7 +29,7 @@ def run(ctx: RunContext) -> None:
         model.save_pretrained(target, safe_serialization=True)
         ctx.tokenizer.save_pretrained(target)
         del model
-        reloaded = AutoModelForCausalLM.from_pretrained(target, device_map={"": modeling.device()})
+        reloaded: Any = AutoModelForCausalLM.from_pretrained(target, device_map={"": modeling.device()})
         prompt = torch.tensor(
             [[ctx.tokenizer.bos_token_id or ctx.tokenizer.eos_token_id]], device=modeling.device()
         )

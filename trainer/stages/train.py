@@ -140,8 +140,8 @@ def run(ctx: RunContext) -> None:
     trainer = Trainer(
         model=ctx.model,
         args=args,
-        train_dataset=train_set,  # type: ignore[arg-type]
-        eval_dataset=data.validation or None,  # type: ignore[arg-type]
+        train_dataset=train_set,
+        eval_dataset=data.validation or None,
         data_collator=counter,
         processing_class=ctx.tokenizer,
         callbacks=callbacks,
@@ -153,11 +153,8 @@ def run(ctx: RunContext) -> None:
     ctx.trained_tokens = counter.tokens
     ctx.checks["train_runtime_seconds"] = float(result.metrics.get("train_runtime", 0.0))
     ctx.checks["global_step"] = float(trainer.state.global_step)
-    ctx.model = trainer.model
-    ctx.staging.mkdir(parents=True, exist_ok=True)
-    if spec.method == api.Method.FULL:
-        trainer.model.save_pretrained(ctx.staging / "merged", safe_serialization=True)
-        ctx.tokenizer.save_pretrained(ctx.staging / "merged")
-    else:
-        trainer.model.save_pretrained(ctx.staging / "adapter", safe_serialization=True)
-        ctx.tokenizer.save_pretrained(ctx.staging / "adapter")
+    model: Any = trainer.model
+    ctx.model = model
+    target = ctx.staging / ("merged" if spec.method == api.Method.FULL else "adapter")
+    model.save_pretrained(target, safe_serialization=True)
+    ctx.tokenizer.save_pretrained(target)
