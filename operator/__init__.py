@@ -1,1 +1,15 @@
-"""The kopf operator: FineTuneJob in, trainer Job out."""
+"""The kopf operator: FineTuneJob in, trainer Job out, status and events back.
+
+- ``planning``: the pure plan of a FineTuneJob's objects (ConfigMap with the resolved spec,
+  ServiceAccount, Role and RoleBinding for this one job, the trainer Job; for several nodes
+  an Indexed Job and a headless Service).
+- ``observe``: the pure mapping of the trainer Job and its pods to phase, conditions, events.
+- ``reconcile``: one idempotent pass that applies both; ``handlers``: the kopf triggers;
+  ``main``: the process (kopf, ``/metrics``, ``/healthz``); ``metrics``: Prometheus metrics;
+  ``rbac``: the rules the operator needs; ``testing``: the operator in-process for tests.
+
+The trainer pod gets ``KUBETUNE_JOB_NAMESPACE``, ``KUBETUNE_JOB_NAME``, the resolved job at
+``/etc/kubetune/job.yaml`` (``KUBETUNE_CONFIG``) and a service account token allowed to read
+its FineTuneJob and patch its status. It exits 3 (``kubetune.exitcodes``) when its
+configuration cannot work, which fails the Job without retries.
+"""

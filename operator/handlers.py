@@ -128,7 +128,7 @@ class Runtime:
             insecure=not cfg.verify_ssl,
             certificate_path=cfg.cert_file,
             private_key_path=cfg.key_file,
-            scheme=scheme or ("Bearer" if token else None),
+            scheme=("Bearer" if not scheme or scheme.lower() == "bearer" else scheme) if token else None,
             token=token or None,
         )
 

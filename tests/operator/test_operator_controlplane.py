@@ -227,6 +227,10 @@ def test_a_finetunejob_runs_to_success_with_the_operators_own_rbac(
         obj = wait_phase(kube, ns, "llama", "Pending", "PodPending")
         assert condition(obj, "Created")["status"] == "True"  # type: ignore[index]
         assert obj["status"]["startTime"] and obj["status"]["observedGeneration"] == 1
+        # No finalizer: a FineTuneJob can be deleted while the operator is down.
+        assert not obj["metadata"].get("finalizers")
+        annotations = obj["metadata"].get("annotations") or {}
+        assert not [key for key in annotations if key.startswith("kopf.")]
 
         kids = assert_one_of_each(kube, ns, "llama")
         for child in kids.values():
@@ -618,3 +622,28 @@ def test_the_operator_command_serves_and_stops_on_sigterm(
     lines = [line for line in stderr.splitlines() if line.startswith("{")]
     assert lines, stderr[-2000:]
     assert all("message" in json.loads(line) for line in lines)
+
+
+def test_several_nodes_get_an_indexed_job_and_a_headless_service(
+    kube: Kube, ns: str, operator: OperatorRunner
+) -> None:
+    create(kube, ns, "multi", resources={"nodes": 2, "gpus": 8})
+    wait_phase(kube, ns, "multi", "Pending")
+    names = planning.Names.of("multi")
+    service = kube.get("Service", ns, names.service)
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["ownerReferences"][0]["name"] == "multi"
+    job = kube.get("Job", ns, names.job)
+    assert job is not None and job["spec"]["completionMode"] == "Indexed"
+
+    def both_pods() -> list[dict[str, Any]] | None:
+        found = pods(kube, ns, names.job)
+        return found if len(found) == 2 else None
+
+    indexed = wait_for(both_pods, what="two indexed pods")
+    assert sorted(p["spec"]["hostname"] for p in indexed) == [f"{names.job}-0", f"{names.job}-1"]
+    assert {p["spec"]["subdomain"] for p in indexed} == {names.service}
+    for pod in indexed:
+        set_pod_running(kube.client, pod)
+    running = wait_phase(kube, ns, "multi", "Running")
+    assert running["status"]["attempts"] == 1
