@@ -178,7 +178,7 @@ def parse_row(row: Row, fmt: api.DatasetFormat) -> Sample:
 
 
 class _Missing(DataError):
-    pass
+    """A required field is absent: worth saying which format the row looks like instead."""
 
 
 def _str(row: Row, key: str, *, where: str = "", optional: bool = False) -> str:

@@ -65,8 +65,7 @@ def load_rows(path: str | Path) -> Rows:
         if not BUILTIN_NAME.match(name) or not file.is_file():
             have = ", ".join(sorted(p.name.removesuffix(".jsonl") for p in BUILTIN_DIR.glob("*.jsonl")))
             raise DataError(f"no built-in dataset {name!r} (available: {have or 'none'})", source=uri)
-        rows = _load_file(file, source=uri)
-        return rows
+        return _load_file(file, source=uri)
     local = Path(uri.removeprefix("file://")) if uri.startswith("file://") else Path(path)
     return _load_file(local, source=local.name)
 
