@@ -124,10 +124,8 @@ def model(request: pytest.FixtureRequest, plain_tokenizer: Any, one_thread: None
         num_key_value_heads=2,
         max_position_embeddings=128,
     )
-    model: LlamaForCausalLM = LlamaForCausalLM._from_config(  # type: ignore[no-untyped-call]
-        config, attn_implementation=request.param
-    )
-    model.eval()  # type: ignore[no-untyped-call]
+    model: LlamaForCausalLM = LlamaForCausalLM._from_config(config, attn_implementation=request.param)
+    model.eval()
     return model
 
 

@@ -6,9 +6,9 @@ import gzip
 import json
 from pathlib import Path
 
-import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.json as pa_json  # type: ignore[import-untyped]
-import pyarrow.parquet as pq  # type: ignore[import-untyped]
+import pyarrow as pa
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
 import pytest
 
 from kubetune.trainer.data import sources

@@ -217,8 +217,8 @@ def _object(value: Any, source: str, line: int) -> Row:
 
 
 def _read_parquet(file: Path, source: str) -> Rows:
-    import pyarrow as pa  # type: ignore[import-untyped]
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(file)
