@@ -121,3 +121,18 @@ def test_job_duration_is_observed_from_start_to_completion() -> None:
     assert ("kubetune_job_duration_seconds_count", (("phase", "Failed"),)) not in got
     assert got[("kubetune_reconcile_total", ())] == 0
     assert got[("kubetune_reconcile_errors_total", ())] == 0
+
+
+def test_the_operator_imports_no_ml_framework() -> None:
+    """The operator image has no torch: importing the operator must not need it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kubetune.operator.main, kubetune.operator.testing\n"
+        "heavy = ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes', 'accelerate')\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('kubetune.trainer')]\n"
+        "print(sorted(loaded))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
