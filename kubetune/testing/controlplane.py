@@ -21,6 +21,7 @@ import argparse
 import base64
 import ctypes
 import datetime
+import functools
 import ipaddress
 import json
 import os
@@ -35,11 +36,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import yaml
 from cryptography import x509
@@ -199,56 +200,38 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> Path:
     return path
 
 
-class _Pki:
-    """A CA plus the leaf certificates the control plane needs, written under ``directory``."""
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
-    def __init__(self, directory: Path) -> None:
+
+class _CertificateAuthority:
+    """A self-signed CA that writes ``<stem>.crt``/``<stem>.key`` files under ``directory``."""
+
+    def __init__(self, directory: Path, stem: str, common_name: str) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
         self._now = datetime.datetime.now(datetime.UTC)
-        self._ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubetune-test-ca")])
-        self._ca_name = ca_name
-        self._ca_cert = (
-            self._builder(ca_name, self._ca_key.public_key(), days=3650)
-            .issuer_name(ca_name)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = (
+            self._builder(self._name, self._key.public_key(), days=3650)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self._ca_key.public_key()), critical=False
-            )
-            .sign(self._ca_key, hashes.SHA256())
+            .add_extension(_key_usage(ca=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
         )
-        self.ca = _Credential(
-            cert=_write(directory / "ca.crt", self._ca_cert.public_bytes(serialization.Encoding.PEM)),
-            key=_write(directory / "ca.key", _pem_key(self._ca_key), 0o600),
-        )
-        self.ca_pem = self._ca_cert.public_bytes(serialization.Encoding.PEM)
-
-        # Kubernetes accepts RSA and ECDSA service account keys; RSA (RS256) is what
-        # every token consumer understands.
-        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.service_account = _Credential(
-            cert=_write(
-                directory / "sa.pub",
-                sa_key.public_key().public_bytes(
-                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                ),
-            ),
-            key=_write(directory / "sa.key", _pem_key(sa_key), 0o600),
+        self.credential = _Credential(
+            cert=_write(directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM)),
+            key=_write(directory / f"{stem}.key", _pem_key(self._key), 0o600),
         )
 
     def _builder(
@@ -257,6 +240,7 @@ class _Pki:
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
+            .issuer_name(self._name)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(self._now - datetime.timedelta(hours=1))
@@ -284,36 +268,70 @@ class _Pki:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         builder = (
             self._builder(x509.Name(attributes), key.public_key(), days=365)
-            .issuer_name(self._ca_name)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_encipherment=False,
-                    content_commitment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
-                critical=False,
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
             )
         )
         alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
         alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         if alt_names:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        cert = builder.sign(self._ca_key, hashes.SHA256())
+        cert = builder.sign(self._key, hashes.SHA256())
         return _Credential(
             cert=_write(self.directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM)),
             key=_write(self.directory / f"{stem}.key", _pem_key(key), 0o600),
+        )
+
+
+class _Pki:
+    """Everything a kubeadm-style control plane needs, written under ``directory``: the
+    cluster CA, the front-proxy CA (aggregation layer and delegated authentication) and
+    the service account signing key pair."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cluster = _CertificateAuthority(directory, "ca", "kubetune-test-ca")
+        self.ca = self.cluster.credential
+        self.front_proxy = _CertificateAuthority(directory, "front-proxy-ca", "kubetune-test-front-proxy-ca")
+        self.front_proxy_client = self.front_proxy.issue(
+            "front-proxy-client", "front-proxy-client", client=True
+        )
+        # Kubernetes accepts RSA and ECDSA service account keys; RSA (RS256) is what
+        # every token consumer understands.
+        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.service_account = _Credential(
+            cert=_write(
+                directory / "sa.pub",
+                sa_key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+            ),
+            key=_write(directory / "sa.key", _pem_key(sa_key), 0o600),
+        )
+
+    def issue(
+        self,
+        stem: str,
+        common_name: str,
+        *,
+        organizations: Sequence[str] = (),
+        server: bool = False,
+        client: bool = False,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[str] = (),
+    ) -> _Credential:
+        """A certificate signed by the cluster CA."""
+        return self.cluster.issue(
+            stem,
+            common_name,
+            organizations=organizations,
+            server=server,
+            client=client,
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
         )
 
 
@@ -481,6 +499,10 @@ class ControlPlane:
     certificates under ``pki/``, the etcd data, one ``<process>.log`` per process, and
     ``kubeconfig`` for an admin in ``system:masters``.
 
+    ``crds`` (YAML files, or directories of them) are installed before the controller
+    manager starts, as envtest does: its garbage collector then follows owners of those
+    kinds at once, whereas it discovers CRDs installed later only on its 30 s resync.
+
     Without the controller manager nothing creates the ``default`` ServiceAccount of a
     namespace, so the ServiceAccount admission plugin is turned off then; with it the
     API server admits Pods exactly as a cluster does.
@@ -493,6 +515,7 @@ class ControlPlane:
         work_dir: Path | str | None = None,
         binaries: Binaries | None = None,
         startup_timeout: float = 120.0,
+        crds: Sequence[Path | str] = (),
         apiserver_args: Sequence[str] = (),
         controller_manager_args: Sequence[str] = (),
     ) -> None:
@@ -500,6 +523,7 @@ class ControlPlane:
         self._given_work_dir = Path(work_dir).resolve() if work_dir is not None else None
         self._binaries = binaries
         self.startup_timeout = startup_timeout
+        self.crds = [Path(path) for path in crds]
         self.extra_apiserver_args = list(apiserver_args)
         self.extra_controller_manager_args = list(controller_manager_args)
         self._work_dir: Path | None = None
@@ -611,6 +635,13 @@ class ControlPlane:
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",
                 f"--client-ca-file={pki.ca.cert}",
+                f"--requestheader-client-ca-file={pki.front_proxy.credential.cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki.front_proxy_client.cert}",
+                f"--proxy-client-key-file={pki.front_proxy_client.key}",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
                 *(
@@ -639,6 +670,8 @@ class ControlPlane:
         )
         self._server = server
         _write_kubeconfig(self.kubeconfig_path, server, pki.ca.cert, ADMIN_USER, self._admin)
+        if self.crds:
+            self.install_crds(*self.crds, timeout=self.startup_timeout)
 
         if self.controller_manager:
             self._start_controller_manager(binaries, serving, [etcd, apiserver])
@@ -822,6 +855,42 @@ class ControlPlane:
             raise ControlPlaneError(f"TokenRequest for {namespace}/{name} returned no token")
         return str(response.status.token)
 
+    def install_crds(self, *sources: Path | str | Mapping[str, Any], timeout: float = 60.0) -> list[str]:
+        """Create or replace CustomResourceDefinitions and wait until they are established.
+
+        ``sources`` are manifests or YAML files (several documents allowed) or directories
+        of ``*.yaml``/``*.yml`` files. Returns the CRD names."""
+        manifests: list[tuple[str, Mapping[str, Any]]] = []
+        for source in sources:
+            if isinstance(source, Mapping):
+                manifests.append(("manifest", source))
+                continue
+            path = Path(source)
+            files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")]) if path.is_dir() else [path]
+            for file in files:
+                try:
+                    documents = list(yaml.safe_load_all(file.read_text()))
+                except (OSError, yaml.YAMLError) as error:
+                    raise ControlPlaneError(f"cannot read CRDs from {file}: {error}") from error
+                manifests += [(str(file), doc) for doc in documents if doc]
+        names = []
+        with self.admin_api_client() as api:
+            extensions = k8s.ApiextensionsV1Api(api)
+            for origin, manifest in manifests:
+                if manifest.get("kind") != "CustomResourceDefinition":
+                    raise ControlPlaneError(
+                        f"{origin}: expected a CustomResourceDefinition, got {manifest.get('kind')!r}"
+                    )
+                names.append(_apply_crd(extensions, origin, manifest))
+            for name in names:
+                _wait_for(
+                    functools.partial(_crd_established, extensions, name),
+                    what=f"CRD {name} to be established",
+                    timeout=timeout,
+                    processes=self._processes,
+                )
+        return names
+
     def kubectl(
         self, *args: str, check: bool = True, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
@@ -834,6 +903,31 @@ class ControlPlane:
             check=check,
             timeout=timeout,
         )
+
+
+def _apply_crd(extensions: k8s.ApiextensionsV1Api, origin: str, manifest: Mapping[str, Any]) -> str:
+    crd = k8s.V1CustomResourceDefinition.from_dict(dict(manifest))
+    if crd is None or crd.metadata is None or not crd.metadata.name:
+        raise ControlPlaneError(f"{origin}: CustomResourceDefinition without metadata.name")
+    name = crd.metadata.name
+    try:
+        try:
+            extensions.create_custom_resource_definition(crd)
+        except k8s.ApiException as error:
+            if error.status != 409:
+                raise
+            current = extensions.read_custom_resource_definition(name)
+            crd.metadata.resource_version = current.metadata.resource_version if current.metadata else None
+            extensions.replace_custom_resource_definition(name, crd)
+    except k8s.ApiException as error:
+        raise ControlPlaneError(f"{origin}: installing CRD {name} failed: {error.body or error}") from error
+    return name
+
+
+def _crd_established(extensions: k8s.ApiextensionsV1Api, name: str) -> bool:
+    status = extensions.read_custom_resource_definition(name).status
+    conditions = (status.conditions if status else None) or []
+    return any(c.type == "Established" and c.status == "True" for c in conditions)
 
 
 # --------------------------------------------------------------------------------- CLI

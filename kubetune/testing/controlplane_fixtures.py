@@ -2,8 +2,10 @@
 kube-controller-manager). Load it with ``pytest_plugins =
 ["kubetune.testing.controlplane_fixtures"]`` or ``-p kubetune.testing.controlplane_fixtures``.
 
-No scheduler or kubelet runs: Pods that the Job controller creates stay Pending until a
-test sets their status, as a kubelet would.
+The CRDs in ``<rootdir>/crds/`` are installed before the controller manager starts, so
+its garbage collector follows their objects at once. No scheduler or kubelet runs: Pods
+that the Job controller creates stay Pending until a test sets their status, as a kubelet
+would.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from kubetune.testing.controlplane import ControlPlane, wait_until
 
 
 @pytest.fixture(scope="session")
-def control_plane() -> Iterator[ControlPlane]:
+def control_plane(pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
     """The running control plane, shared by the whole test session."""
-    with ControlPlane(controller_manager=True) as plane:
+    crds = pytestconfig.rootpath / "crds"
+    with ControlPlane(controller_manager=True, crds=[crds] if crds.is_dir() else []) as plane:
         yield plane
 
 

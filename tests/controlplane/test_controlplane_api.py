@@ -12,7 +12,13 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from kubetune.testing.controlplane import ETCD_VERSION, KUBERNETES_VERSION, ControlPlane, wait_until
+from kubetune.testing.controlplane import (
+    ETCD_VERSION,
+    KUBERNETES_VERSION,
+    ControlPlane,
+    ControlPlaneError,
+    wait_until,
+)
 
 pytestmark = pytest.mark.controlplane
 
@@ -59,30 +65,6 @@ WIDGET_CRD: dict[str, Any] = {
 }
 
 
-def install_crd(api: k8s.ApiClient, manifest: dict[str, Any]) -> None:
-    """Create or replace a CRD and wait until it is served."""
-    extensions = k8s.ApiextensionsV1Api(api)
-    name = manifest["metadata"]["name"]
-    crd = k8s.V1CustomResourceDefinition.from_dict(manifest)
-    assert crd is not None and crd.metadata is not None
-    try:
-        extensions.create_custom_resource_definition(crd)
-    except k8s.ApiException as error:
-        if error.status != 409:
-            raise
-        current = extensions.read_custom_resource_definition(name)
-        assert current.metadata is not None
-        crd.metadata.resource_version = current.metadata.resource_version
-        extensions.replace_custom_resource_definition(name, crd)
-
-    def established() -> bool:
-        status = extensions.read_custom_resource_definition(name).status
-        conditions = (status.conditions if status else None) or []
-        return any(c.type == "Established" and c.status == "True" for c in conditions)
-
-    wait_until(established, timeout=30, what=f"CRD {name} Established")
-
-
 def as_dict(value: object) -> dict[str, Any]:
     """Custom object calls return the decoded JSON, typed as object."""
     assert isinstance(value, dict)
@@ -90,8 +72,10 @@ def as_dict(value: object) -> dict[str, Any]:
 
 
 @pytest.fixture
-def widgets(control_plane_api_client: k8s.ApiClient) -> Iterator[k8s.CustomObjectsApi]:
-    install_crd(control_plane_api_client, WIDGET_CRD)
+def widgets(
+    control_plane: ControlPlane, control_plane_api_client: k8s.ApiClient
+) -> Iterator[k8s.CustomObjectsApi]:
+    assert control_plane.install_crds(WIDGET_CRD) == [WIDGET_CRD["metadata"]["name"]]
     yield k8s.CustomObjectsApi(control_plane_api_client)
     k8s.ApiextensionsV1Api(control_plane_api_client).delete_custom_resource_definition(
         WIDGET_CRD["metadata"]["name"]
@@ -251,13 +235,25 @@ def test_service_account_token_is_subject_to_rbac(
         assert unauthenticated.value.status == 401
 
 
+def test_install_crds_names_the_bad_file(control_plane: ControlPlane, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**WIDGET_CRD, "spec": {**WIDGET_CRD["spec"], "scope": "Galactic"}}))
+    with pytest.raises(ControlPlaneError, match=r"bad\.yaml: installing CRD widgets\..*spec\.scope"):
+        control_plane.install_crds(tmp_path)
+    not_a_crd = tmp_path / "configmap.yaml"
+    bad.unlink()
+    not_a_crd.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    with pytest.raises(ControlPlaneError, match=r"configmap\.yaml: expected a CustomResourceDefinition"):
+        control_plane.install_crds(not_a_crd)
+
+
 @pytest.mark.skipif(not FINETUNEJOB_CRD.is_file(), reason="crds/finetunejob.yaml is not there")
 def test_finetunejob_crd_installs_and_rejects_invalid_specs(
-    control_plane_api_client: k8s.ApiClient, control_plane_namespace: str
+    control_plane: ControlPlane, control_plane_api_client: k8s.ApiClient, control_plane_namespace: str
 ) -> None:
     crd = yaml.safe_load(FINETUNEJOB_CRD.read_text())
-    # Other tests share this CRD in the same control plane, so it is left installed.
-    install_crd(control_plane_api_client, crd)
+    # Replaced in place (the fixture installed it already) and left for the other tests.
+    assert control_plane.install_crds(FINETUNEJOB_CRD) == [crd["metadata"]["name"]]
     group = crd["spec"]["group"]
     version = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
     plural = crd["spec"]["names"]["plural"]

@@ -1,9 +1,11 @@
 """kube-controller-manager runs against the test API server: the Job controller makes
 Pods and follows their status, the garbage collector deletes owned objects."""
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client as k8s
 
 from kubetune.testing.controlplane import wait_until
@@ -33,6 +35,16 @@ def meta(obj: Any) -> k8s.V1ObjectMeta:
 
 def job_pods(core: k8s.CoreV1Api, ns: str, job: str) -> list[k8s.V1Pod]:
     return list(core.list_namespaced_pod(ns, label_selector=f"batch.kubernetes.io/job-name={job}").items)
+
+
+def job_gone(batch: k8s.BatchV1Api, ns: str, name: str) -> bool:
+    try:
+        batch.read_namespaced_job(name, ns)
+    except k8s.ApiException as error:
+        if error.status == 404:
+            return True
+        raise
+    return False
 
 
 def test_job_controller_creates_a_pod_and_completes_the_job(
@@ -104,15 +116,58 @@ def test_garbage_collector_deletes_a_job_when_its_owner_goes(
 
     core.delete_namespaced_config_map("owner", ns)
 
-    def owned_job_gone() -> bool:
-        try:
-            batch.read_namespaced_job("owned", ns)
-        except k8s.ApiException as error:
-            if error.status == 404:
-                return True
-            raise
-        return False
-
-    wait_until(owned_job_gone, timeout=60, what="the garbage collector to delete the owned Job")
+    wait_until(
+        lambda: job_gone(batch, ns, "owned"), timeout=60, what="the garbage collector to delete the owned Job"
+    )
     wait_until(lambda: not job_pods(core, ns, "owned"), timeout=60, what="the owned Job's Pod to go")
     assert meta(batch.read_namespaced_job("unowned", ns)).name == "unowned"
+
+
+FINETUNEJOB_CRD = Path(__file__).resolve().parents[2] / "crds" / "finetunejob.yaml"
+
+
+@pytest.mark.skipif(not FINETUNEJOB_CRD.is_file(), reason="crds/finetunejob.yaml is not there")
+def test_deleting_a_finetunejob_deletes_the_job_it_owns(
+    control_plane_api_client: k8s.ApiClient, control_plane_namespace: str
+) -> None:
+    """What the operator relies on. The fixture installs crds/ before the controller
+    manager starts; a CRD installed later is only seen on the collector's 30 s resync."""
+    ns = control_plane_namespace
+    crd = yaml.safe_load(FINETUNEJOB_CRD.read_text())
+    group, kind, plural = crd["spec"]["group"], crd["spec"]["names"]["kind"], crd["spec"]["names"]["plural"]
+    version = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
+    objects = k8s.CustomObjectsApi(control_plane_api_client)
+    owner = objects.create_namespaced_custom_object(
+        group,
+        version,
+        ns,
+        plural,
+        {
+            "apiVersion": f"{group}/{version}",
+            "kind": kind,
+            "metadata": {"name": "tune"},
+            "spec": {
+                "model": {"name": "sshleifer/tiny-gpt2"},
+                "dataset": {"train": "s3://datasets/train.jsonl"},
+                "output": {"uri": "s3://models/out"},
+            },
+        },
+    )
+    assert isinstance(owner, dict)
+    reference = k8s.V1OwnerReference(
+        api_version=f"{group}/{version}",
+        kind=kind,
+        name="tune",
+        uid=owner["metadata"]["uid"],
+        controller=True,
+        block_owner_deletion=True,
+    )
+    batch = k8s.BatchV1Api(control_plane_api_client)
+    batch.create_namespaced_job(ns, make_job("tune-trainer", reference))
+
+    objects.delete_namespaced_custom_object(group, version, ns, plural, "tune")
+    wait_until(
+        lambda: job_gone(batch, ns, "tune-trainer"),
+        timeout=20,
+        what="the garbage collector to delete the Job of the deleted FineTuneJob",
+    )
