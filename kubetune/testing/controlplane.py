@@ -933,7 +933,7 @@ def _crd_established(extensions: k8s.ApiextensionsV1Api, name: str) -> bool:
 # --------------------------------------------------------------------------------- CLI
 
 
-def _serve(work_dir: Path, controller_manager: bool) -> int:
+def _serve(work_dir: Path, controller_manager: bool, crds: Sequence[Path]) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -943,7 +943,7 @@ def _serve(work_dir: Path, controller_manager: bool) -> int:
     signal.signal(signal.SIGINT, request_stop)
     ready_file = work_dir / "ready"
     ready_file.unlink(missing_ok=True)
-    plane = ControlPlane(controller_manager=controller_manager, work_dir=work_dir)
+    plane = ControlPlane(controller_manager=controller_manager, work_dir=work_dir, crds=crds)
     try:
         plane.start()
     except ControlPlaneError as error:
@@ -986,6 +986,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir", type=Path, required=True, help="work directory (kubeconfig, logs, certificates)"
     )
     serve.add_argument(
+        "--crds",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="install the CRDs in this YAML file or directory first (repeatable)",
+    )
+    serve.add_argument(
         "--no-controller-manager", action="store_true", help="run only etcd and kube-apiserver"
     )
     args = parser.parse_args(argv)
@@ -994,7 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, path in find_binaries(build=not args.no_build).as_dict().items():
                 print(f"{name}\t{path}")
             return 0
-        return _serve(args.dir.resolve(), controller_manager=not args.no_controller_manager)
+        return _serve(args.dir.resolve(), controller_manager=not args.no_controller_manager, crds=args.crds)
     except ControlPlaneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

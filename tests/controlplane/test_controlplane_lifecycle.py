@@ -3,13 +3,14 @@ startup fails, and the failure says why."""
 
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, find_binaries
+from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, find_binaries, wait_until
 
 pytestmark = pytest.mark.controlplane
 
@@ -63,6 +64,31 @@ def test_failed_start_reports_the_log_and_cleans_up(private_tmp: Path) -> None:
     assert not plane.started
 
 
+def test_processes_die_with_their_parent(tmp_path: Path) -> None:
+    work_dir = tmp_path / "plane"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from kubetune.testing.controlplane import ControlPlane\n"
+            f"ControlPlane(controller_manager=False, work_dir={str(work_dir)!r}).start()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline().strip() == "ready"
+        assert len(set(processes_using(work_dir)) - {parent.pid}) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    wait_until(lambda: not processes_using(work_dir), timeout=20, what="etcd and kube-apiserver to exit")
+
+
 def test_dev_cluster_up_and_down(tmp_path: Path) -> None:
     find_binaries()  # build outside the script's startup timeout if needed
     script = REPO / "hack" / "dev-cluster"
@@ -82,6 +108,14 @@ def test_dev_cluster_up_and_down(tmp_path: Path) -> None:
             check=True,
         ).stdout
         assert "namespace/kube-system" in namespaces
+        if (REPO / "crds").is_dir():
+            crds = subprocess.run(
+                [str(kubectl), f"--kubeconfig={kubeconfig}", "get", "crd", "-o", "name"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            assert "finetunejobs.kubetune.io" in crds
         again = subprocess.run(
             [str(script), "up"], env=env, capture_output=True, text=True, check=False, timeout=60
         )
