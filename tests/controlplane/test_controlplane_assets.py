@@ -12,6 +12,7 @@ from kubetune.testing.controlplane import (
     ASSET_ENV_VARS,
     BINARY_NAMES,
     BUILD_SCRIPT,
+    ETCD_VERSION,
     KUBERNETES_VERSION,
     ControlPlaneError,
     assets_cache_dir,
@@ -44,6 +45,8 @@ def test_version_matches_go_module() -> None:
     match = re.search(r"^\s*(?:require\s+)?k8s\.io/kubernetes\s+(v\S+)", go_mod, re.MULTILINE)
     assert match, "hack/controlplane/go.mod requires no k8s.io/kubernetes"
     assert match.group(1) == KUBERNETES_VERSION
+    etcd = re.search(r"^\s*(?:require\s+)?go\.etcd\.io/etcd/server/v3\s+(v\S+)", go_mod, re.MULTILINE)
+    assert etcd and etcd.group(1) == ETCD_VERSION
     for staging in ("api", "apimachinery", "apiserver", "client-go", "kubectl", "externaljwt"):
         assert f"k8s.io/{staging} => k8s.io/{staging} v0.{KUBERNETES_VERSION[3:]}" in go_mod
 
