@@ -32,7 +32,11 @@ def job_file(tmp_path: Path, server: S3Server, bucket: str, **spec: Any) -> Path
     job = tiny_job(
         "resumable",
         model={"name": "kubetune/tiny-llama", "uri": f"s3://{bucket}/models/tiny-llama/"},
-        dataset={"train": f"s3://{bucket}/data/dates.jsonl", "validationSplit": 0.05, "format": "prompt-completion"},
+        dataset={
+            "train": f"s3://{bucket}/data/dates.jsonl",
+            "validationSplit": 0.05,
+            "format": "prompt-completion",
+        },
         output={"uri": f"s3://{bucket}/runs/"},
         storage={"endpoint": server.endpoint, "region": server.region},
         **spec,
@@ -71,12 +75,15 @@ def adapter(store: ObjectStore, root: str, tmp_path: Path, name: str) -> dict[st
     return load_file(local)
 
 
-TRAINING = {"maxSteps": 30, "learningRate": 0.003, "batchSize": 64, "maxSeqLength": 32, "checkpointEvery": 6}
+TRAINING = {"maxSteps": 24, "learningRate": 0.003, "batchSize": 48, "maxSeqLength": 32, "checkpointEvery": 6}
+FAST_EVAL = {"metrics": ["loss"], "baseline": False}
 
 
-def test_s3_run_resumes_after_sigkill_to_the_same_adapter(s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+def test_s3_run_resumes_after_sigkill_to_the_same_adapter(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
     upload_inputs(s3_server, s3_bucket)
-    job = job_file(tmp_path, s3_server, s3_bucket, training=TRAINING)
+    job = job_file(tmp_path, s3_server, s3_bucket, training=TRAINING, evaluation=FAST_EVAL)
     env = run_env(s3_server, tmp_path)
     store = store_for(s3_server)
 
@@ -97,16 +104,16 @@ def test_s3_run_resumes_after_sigkill_to_the_same_adapter(s3_server: S3Server, s
     assert not store.exists(f"{root}/manifest.json")
 
     # A checkpoint cut off mid-upload (no marker) at a later step must be ignored.
-    store.write_text(f"{root}/checkpoints/step-24/trainer_state.json", "{ half")
+    store.write_text(f"{root}/checkpoints/step-30/trainer_state.json", "{ half")
     second = kubetune_run(job, root, env)
     log, _ = second.communicate(timeout=600)
     assert second.returncode == 0, log
     resumed_from = int(log.split("resuming from checkpoint step ")[1].split()[0])
-    assert 12 <= resumed_from < 24
+    assert 12 <= resumed_from < 24, "resumed from the newest complete checkpoint, not the cut-off one"
     assert s3_server.secret_key not in log
 
     metrics = json.loads(store.read_text(f"{root}/metrics.json"))
-    assert metrics["checks"]["global_step"] == 30
+    assert metrics["checks"]["global_step"] == 24
     history_steps = [h["step"] for h in metrics["history"] if "loss" in h]
     assert min(history_steps) > resumed_from, "steps before the checkpoint were repeated"
 

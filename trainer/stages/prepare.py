@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from transformers import set_seed
+
 from kubetune.trainer import modeling
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data import prepare
@@ -20,6 +22,7 @@ def run(ctx: RunContext) -> None:
     )
     for line in ctx.data.report.lines():
         ctx.reporter.log(line)
+    set_seed(ctx.spec.training.seed)  # adapter initialisation is random too
     ctx.model = modeling.trainable_model(ctx.spec, ctx.model_source)
     trainable, total = modeling.parameter_counts(ctx.model)
     ctx.reporter.log(
