@@ -1,0 +1,196 @@
+"""The whole loop: operator, trainer pod (run by a stand-in kubelet) and the FineTuneJob status.
+
+No kubelet runs on the test control plane, so this test does a kubelet's part for the one pod
+the Job controller creates: it mounts the ConfigMap into a directory, resolves the pod's env
+and envFrom, hands the trainer a kubeconfig with the pod's ServiceAccount token from the
+TokenRequest API, runs the container's command as a local process, and writes the pod's
+status. Everything else is real: API server, Job controller, operator, S3 server, training.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+
+from kubetune import api
+from kubetune.operator import planning
+from kubetune.operator.kube import Kube
+from kubetune.operator.testing import OperatorRunner, install_crd, set_pod_finished, set_pod_running, wait_for
+from kubetune.storage import ObjectStore
+from kubetune.testing.controlplane import ControlPlane
+from kubetune.testing.s3 import S3Server
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.s3, pytest.mark.training]
+
+
+@pytest.fixture
+def ns(control_plane_api_client: ApiClient, control_plane_namespace: str) -> str:
+    install_crd(control_plane_api_client)
+    return control_plane_namespace
+
+
+@pytest.fixture
+def operator(control_plane_api_client: ApiClient, ns: str) -> Iterator[OperatorRunner]:
+    with OperatorRunner(control_plane_api_client, [ns]) as runner:
+        yield runner
+
+
+def finetunejob(name: str, ns: str, server: S3Server, bucket: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "model": {"name": "kubetune/tiny-llama"},
+            "dataset": {"train": "builtin:dates", "validationSplit": 0.05, "format": "prompt-completion"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "training": {"maxSteps": 10, "learningRate": 0.003, "batchSize": 16, "maxSeqLength": 32},
+            "evaluation": {"metrics": ["loss", "exact_match"], "maxSamples": 8, "maxNewTokens": 12},
+            "export": {"merge": False},
+            "output": {"uri": f"s3://{bucket}/runs/"},
+            "storage": {"endpoint": server.endpoint, "region": server.region},
+            "credentials": {"storageSecret": "s3-credentials"},
+            "resources": {"gpus": 0},
+        },
+    }
+
+
+def kubeconfig(plane: ControlPlane, token: str, path: Path) -> Path:
+    ca = base64.b64encode(plane.ca_cert_path.read_bytes()).decode()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": plane.server, "certificate-authority-data": ca}}],
+        "users": [{"name": "pod", "user": {"token": token}}],
+        "contexts": [{"name": "pod", "context": {"cluster": "test", "user": "pod"}}],
+        "current-context": "pod",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_pod(
+    plane: ControlPlane, kube: Kube, client: ApiClient, pod: dict[str, Any], root: Path
+) -> tuple[int, str]:
+    """Do a kubelet's work for `pod`; returns the container's exit code and output."""
+    ns = pod["metadata"]["namespace"]
+    [container] = pod["spec"]["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    paths: dict[str, Path] = {}
+    for volume in pod["spec"]["volumes"]:
+        local = root / volume["name"]
+        local.mkdir(parents=True)
+        if "configMap" in volume:
+            config_map = kube.get("ConfigMap", ns, volume["configMap"]["name"])
+            assert config_map is not None
+            for key, value in config_map["data"].items():
+                (local / key).write_text(value)
+        if mounts.get(volume["name"]) not in (None, "/tmp"):
+            paths[mounts[volume["name"]]] = local
+
+    def local(value: str) -> str:
+        for mount, path in paths.items():
+            value = value.replace(mount, str(path))
+        return value
+
+    env = {"PATH": os.environ["PATH"]}
+    for source in container.get("envFrom", []):
+        secret = kube.request("GET", f"/api/v1/namespaces/{ns}/secrets/{source['secretRef']['name']}")
+        env |= {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = local(var["value"])
+    token = plane.service_account_token(pod["spec"]["serviceAccountName"], ns)
+    env["KUBECONFIG"] = str(kubeconfig(plane, token, root / "kubeconfig"))
+    env["KUBETUNE_WORKDIR"] = str(root / "work")
+    env["KUBETUNE_METRICS_PORT"] = "0"
+    env["KUBETUNE_STATUS_INTERVAL"] = "0.5"
+    command = [sys.executable, "-m", "kubetune", *map(local, container["command"][1:])]
+    set_pod_running(client, pod)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    set_pod_finished(client, kube.get("Pod", ns, pod["metadata"]["name"]) or pod, done.returncode)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_trainer_pod_reports_progress_results_and_artifacts(
+    control_plane: ControlPlane,
+    control_plane_api_client: ApiClient,
+    ns: str,
+    operator: OperatorRunner,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    kube = Kube(control_plane_api_client)
+    kube.request(
+        "POST",
+        f"/api/v1/namespaces/{ns}/secrets",
+        body={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-credentials", "namespace": ns},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+            },
+        },
+    )
+    kube.create(finetunejob("dates", ns, s3_server, s3_bucket))
+    other = kube.create(finetunejob("neighbour", ns, s3_server, s3_bucket) | {"spec": {
+        **finetunejob("neighbour", ns, s3_server, s3_bucket)["spec"], "suspend": True}})  # fmt: skip
+
+    job_name = planning.Names.of("dates", 1).job
+    pod = wait_for(
+        lambda: next(
+            iter(kube.list("Pod", ns, label_selector=f"batch.kubernetes.io/job-name={job_name}")), None
+        ),
+        timeout=60,
+        what="the trainer pod",
+    )
+    code, output = run_pod(control_plane, kube, control_plane_api_client, pod, tmp_path / "pod")
+    assert code == 0, output
+
+    def succeeded() -> dict[str, Any] | None:
+        obj = kube.get(api.KIND, ns, "dates")
+        return obj if obj and (obj.get("status") or {}).get("phase") == "Succeeded" else None
+
+    status = wait_for(succeeded, timeout=60, what="phase Succeeded")["status"]
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == 10
+    assert status["progress"]["loss"] > 0 and status["progress"]["tokensPerSecond"] > 0
+    assert status["results"]["after"]["loss"] < status["results"]["before"]["loss"]
+    manifest = status["artifacts"]["manifest"]
+    assert manifest == f"s3://{s3_bucket}/runs/{ns}/dates/manifest.json"
+    store = ObjectStore(s3_server.storage_config())
+    listed = {f["path"] for f in store.read_json(manifest)["files"]}
+    assert "adapter/adapter_model.safetensors" in listed
+
+    # The pod's identity may write its own job's status and nothing else.
+    token = control_plane.service_account_token(pod["spec"]["serviceAccountName"], ns)
+    with control_plane.token_api_client(token) as as_pod:
+        custom = CustomObjectsApi(as_pod)
+        with pytest.raises(ApiException) as refused:
+            custom.patch_namespaced_custom_object_status(
+                api.GROUP,
+                api.VERSION,
+                ns,
+                api.PLURAL,
+                other["metadata"]["name"],
+                {"status": {"message": "x"}},
+            )
+        assert refused.value.status == 403
+
+    secret = s3_server.secret_key
+    events = kube.list("Event", ns)
+    assert secret not in output
+    assert secret not in json.dumps(status) and secret not in json.dumps(events)
