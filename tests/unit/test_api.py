@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,57 @@ def test_no_top_level_operator_package_shadows_the_standard_library() -> None:
         capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     assert "site-packages" not in out.stdout and str(ROOT / "operator") not in out.stdout
+
+
+# The API server routes by apiVersion and kind, so those two cases cannot reach the schema.
+SERVER_CASES = [c for c in INVALID if c[0] not in ("apiVersion", "kind")]
+
+
+@pytest.fixture(scope="module")
+def finetunejob_api(control_plane: Any) -> Any:
+    control_plane.install_crds(ROOT / "crds" / "finetunejob.yaml")
+    return control_plane
+
+
+@pytest.mark.controlplane
+@pytest.mark.parametrize(
+    ("path", "value", "field", "words"), SERVER_CASES, ids=[f"{c[0]}={c[1]}" for c in SERVER_CASES]
+)
+def test_api_server_rejects_the_same_manifests_at_the_same_field(
+    finetunejob_api: Any, control_plane_api_client: Any, path: str, value: Any, field: str, words: str
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from kubetune.operator.kube import Kube
+
+    body = mutate(path, value)
+    with pytest.raises(ApiException) as rejected:
+        Kube(control_plane_api_client).request(
+            "POST",
+            "/apis/kubetune.io/v1alpha1/namespaces/default/finetunejobs?fieldValidation=Strict&dryRun=All",
+            body=body,
+        )
+    error = json.loads(rejected.value.body)
+    fields = {cause.get("field") for cause in error.get("details", {}).get("causes", [])}
+    assert field in fields or f'unknown field "{field}"' in error["message"], error
+
+
+@pytest.mark.controlplane
+def test_api_server_accepts_every_example_and_fills_defaults(
+    finetunejob_api: Any, control_plane_api_client: Any
+) -> None:
+    from kubetune.operator.kube import Kube
+
+    kube = Kube(control_plane_api_client)
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        body = yaml.safe_load(example.read_text())
+        body["metadata"].pop("namespace", None)
+        created = kube.request(
+            "POST",
+            "/apis/kubetune.io/v1alpha1/namespaces/default/finetunejobs?fieldValidation=Strict&dryRun=All",
+            body=body,
+        )
+        local = api.FineTuneJob.model_validate(body).spec.to_wire()
+        assert created["spec"]["training"]["learningRate"] == local["training"]["learningRate"], example.name
+        assert created["spec"]["lora"] == {k: v for k, v in local["lora"].items() if v != []}, example.name
+        assert created["spec"]["method"] == local["method"], example.name
