@@ -37,10 +37,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import yaml
 from cryptography import x509
@@ -65,8 +65,12 @@ ASSET_ENV_VARS = {
     "kube-apiserver": "TEST_ASSET_KUBE_APISERVER",
     "kube-controller-manager": "TEST_ASSET_KUBE_CONTROLLER_MANAGER",
     "kubectl": "TEST_ASSET_KUBECTL",
+    "kube-scheduler": "TEST_ASSET_KUBE_SCHEDULER",
+    "kwok": "TEST_ASSET_KWOK",
 }
-BINARY_NAMES = tuple(ASSET_ENV_VARS)
+BINARY_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+FAKE_NODE_BINARY_NAMES = ("kube-scheduler", "kwok")
+"""Only needed for fake nodes."""
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = _REPO_ROOT / "hack" / "build-test-assets"
@@ -95,6 +99,15 @@ class Binaries:
         }
 
 
+@dataclass(frozen=True)
+class FakeNodeBinaries:
+    kube_scheduler: Path
+    kwok: Path
+
+    def as_dict(self) -> dict[str, Path]:
+        return {"kube-scheduler": self.kube_scheduler, "kwok": self.kwok}
+
+
 def assets_cache_dir(version: str = KUBERNETES_VERSION) -> Path:
     cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache_home) / "kubetune" / "assets" / version
@@ -108,7 +121,7 @@ def locate_binary(name: str) -> Path | None:
     """Where ``name`` is found without building, or None. A ``TEST_ASSET_*`` variable
     naming a missing file is an error rather than a silent fallback."""
     if name not in ASSET_ENV_VARS:
-        raise ValueError(f"unknown control plane binary {name!r}; expected one of {BINARY_NAMES}")
+        raise ValueError(f"unknown control plane binary {name!r}; expected one of {tuple(ASSET_ENV_VARS)}")
     env_var = ASSET_ENV_VARS[name]
     explicit = os.environ.get(env_var)
     if explicit:
@@ -124,23 +137,22 @@ def locate_binary(name: str) -> Path | None:
     return next((path for path in candidates if _is_executable(path)), None)
 
 
-def build_command() -> str:
-    return str(
-        BUILD_SCRIPT.relative_to(Path.cwd()) if BUILD_SCRIPT.is_relative_to(Path.cwd()) else BUILD_SCRIPT
-    )
+def _build_command(*args: str) -> str:
+    script = BUILD_SCRIPT.relative_to(Path.cwd()) if BUILD_SCRIPT.is_relative_to(Path.cwd()) else BUILD_SCRIPT
+    return " ".join([str(script), *args])
 
 
-def build_assets(*, output: IO[str] | None = None) -> None:
-    """Run ``hack/build-test-assets`` (a no-op when the cache is complete)."""
+def build_assets(*args: str, output: IO[str] | None = None) -> None:
+    """Run ``hack/build-test-assets`` with ``args`` (it builds only what is missing)."""
     if not BUILD_SCRIPT.is_file():
         raise ControlPlaneError(
             f"control plane binaries are missing and {BUILD_SCRIPT} is not there to build them; "
             f"set KUBEBUILDER_ASSETS or TEST_ASSET_* to existing binaries "
-            f"({', '.join(BINARY_NAMES)}, Kubernetes {KUBERNETES_VERSION})"
+            f"(Kubernetes {KUBERNETES_VERSION})"
         )
     stream = output if output is not None else sys.__stderr__
     result = subprocess.run(
-        [str(BUILD_SCRIPT)],
+        [str(BUILD_SCRIPT), *args],
         stdout=stream,
         stderr=stream,
         stdin=subprocess.DEVNULL,
@@ -148,33 +160,44 @@ def build_assets(*, output: IO[str] | None = None) -> None:
     )
     if result.returncode != 0:
         raise ControlPlaneError(
-            f"{BUILD_SCRIPT} failed with exit code {result.returncode}; run it by hand to see why"
+            f"`{_build_command(*args)}` failed with exit code {result.returncode}; run it by hand to see why"
         )
 
 
-def find_binaries(*, build: bool = True) -> Binaries:
-    """Find every binary (see the module docstring for the order); build the missing
-    ones with ``hack/build-test-assets`` when ``build`` is true."""
-    found = {name: locate_binary(name) for name in BINARY_NAMES}
+def _find(names: Sequence[str], *, build: bool) -> dict[str, Path]:
+    found = {name: locate_binary(name) for name in names}
     missing = [name for name, path in found.items() if path is None]
     if missing and build:
         build_assets()
-        found = {name: locate_binary(name) for name in BINARY_NAMES}
+        found = {name: locate_binary(name) for name in names}
         missing = [name for name, path in found.items() if path is None]
     if missing:
         raise ControlPlaneError(
             f"control plane binaries not found: {', '.join(missing)}. "
-            f"Run `{build_command()}` (builds Kubernetes {KUBERNETES_VERSION} into "
+            f"Run `{_build_command()}` (builds Kubernetes {KUBERNETES_VERSION} into "
             f"{assets_cache_dir()}), or point KUBEBUILDER_ASSETS or "
             f"{', '.join(ASSET_ENV_VARS[name] for name in missing)} at existing binaries."
         )
-    paths = {name: path for name, path in found.items() if path is not None}
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def find_binaries(*, build: bool = True) -> Binaries:
+    """Find etcd, kube-apiserver, kube-controller-manager and kubectl (see the module
+    docstring for the order); build missing ones with ``hack/build-test-assets`` when
+    ``build`` is true."""
+    paths = _find(BINARY_NAMES, build=build)
     return Binaries(
         etcd=paths["etcd"],
         kube_apiserver=paths["kube-apiserver"],
         kube_controller_manager=paths["kube-controller-manager"],
         kubectl=paths["kubectl"],
     )
+
+
+def find_fake_node_binaries(*, build: bool = True) -> FakeNodeBinaries:
+    """Find kube-scheduler and kwok like :func:`find_binaries`."""
+    paths = _find(FAKE_NODE_BINARY_NAMES, build=build)
+    return FakeNodeBinaries(kube_scheduler=paths["kube-scheduler"], kwok=paths["kwok"])
 
 
 # ------------------------------------------------------------------------ certificates
@@ -491,8 +514,48 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None, expect: str | None
 # ------------------------------------------------------------------------ control plane
 
 
+@dataclass(frozen=True)
+class FakeNode:
+    """A node without a kubelet, kept alive by kwok. ``gpus`` become ``nvidia.com/gpu``
+    capacity; ``taints`` are Kubernetes taint objects, e.g.
+    ``{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}``."""
+
+    ANNOTATION: ClassVar[str] = "kwok.x-k8s.io/node"
+
+    name: str
+    cpu: str = "32"
+    memory: str = "256Gi"
+    gpus: int = 0
+    pods: int = 110
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: Sequence[Mapping[str, str]] = ()
+
+    def manifest(self) -> dict[str, Any]:
+        resources = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods)}
+        if self.gpus:
+            resources["nvidia.com/gpu"] = str(self.gpus)
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.name,
+                "annotations": {self.ANNOTATION: "fake"},
+                "labels": {
+                    "kubernetes.io/hostname": self.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                    **self.labels,
+                },
+            },
+            "spec": {"taints": [dict(taint) for taint in self.taints]},
+            "status": {"allocatable": resources, "capacity": resources},
+        }
+
+
 class ControlPlane:
-    """etcd + kube-apiserver (+ kube-controller-manager) on free loopback ports.
+    """etcd + kube-apiserver (+ kube-controller-manager) on free loopback ports; with
+    ``fake_nodes`` also kube-scheduler and kwok, so Pods get scheduled and "run".
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. Everything lives
     in ``work_dir`` (a fresh temporary directory, removed on stop, unless one is given):
@@ -516,10 +579,12 @@ class ControlPlane:
         binaries: Binaries | None = None,
         startup_timeout: float = 120.0,
         crds: Sequence[Path | str] = (),
+        fake_nodes: Sequence[FakeNode] = (),
         apiserver_args: Sequence[str] = (),
         controller_manager_args: Sequence[str] = (),
     ) -> None:
         self.controller_manager = controller_manager
+        self.fake_nodes = list(fake_nodes)
         self._given_work_dir = Path(work_dir).resolve() if work_dir is not None else None
         self._binaries = binaries
         self.startup_timeout = startup_timeout
@@ -675,6 +740,8 @@ class ControlPlane:
 
         if self.controller_manager:
             self._start_controller_manager(binaries, serving, [etcd, apiserver])
+        if self.fake_nodes:
+            self._start_fake_nodes(serving)
 
     def _start_controller_manager(
         self, binaries: Binaries, serving: _Credential, running: list[_Process]
@@ -735,6 +802,84 @@ class ControlPlane:
                 what="the default ServiceAccount (created by kube-controller-manager)",
                 timeout=self.startup_timeout,
                 processes=processes,
+            )
+
+    def _start_fake_nodes(self, serving: _Credential) -> None:
+        assert self._pki is not None and self._server is not None
+        binaries = find_fake_node_binaries()
+        pki, work_dir = self._pki, self.work_dir
+        scheduler_credential = pki.issue("kube-scheduler", "system:kube-scheduler", client=True)
+        scheduler_kubeconfig = work_dir / "kube-scheduler.kubeconfig"
+        _write_kubeconfig(
+            scheduler_kubeconfig, self._server, pki.ca.cert, "system:kube-scheduler", scheduler_credential
+        )
+        scheduler_port = free_port()
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(binaries.kube_scheduler),
+                f"--kubeconfig={scheduler_kubeconfig}",
+                f"--authentication-kubeconfig={scheduler_kubeconfig}",
+                f"--authorization-kubeconfig={scheduler_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={scheduler_port}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+        )
+        # kwok stands in for the kubelets of every fake node, so it gets the node and pod
+        # status rights of many kubelets at once: simplest as an admin.
+        kwok_credential = pki.issue("kwok", "kwok", organizations=("system:masters",), client=True)
+        kwok_kubeconfig = work_dir / "kwok.kubeconfig"
+        _write_kubeconfig(kwok_kubeconfig, self._server, pki.ca.cert, "kwok", kwok_credential)
+        kwok_port = free_port()
+        self._spawn(
+            "kwok",
+            [
+                str(binaries.kwok),
+                f"--kubeconfig={kwok_kubeconfig}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={FakeNode.ANNOTATION}=fake",
+                f"--server-address=127.0.0.1:{kwok_port}",
+                "--cidr=10.244.0.1/16",
+            ],
+        )
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        _wait_for(
+            lambda: _http_ok(f"https://127.0.0.1:{scheduler_port}/healthz", context=context, expect="ok"),
+            what="kube-scheduler /healthz",
+            timeout=self.startup_timeout,
+            processes=self._processes,
+        )
+        _wait_for(
+            lambda: _http_ok(f"http://127.0.0.1:{kwok_port}/healthz", expect="ok"),
+            what="kwok /healthz",
+            timeout=self.startup_timeout,
+            processes=self._processes,
+        )
+        for node in self.fake_nodes:
+            self.add_fake_node(node)
+
+    def add_fake_node(self, node: FakeNode, *, timeout: float = 60.0) -> None:
+        """Register a node that kwok keeps Ready and whose Pods it runs: Running once
+        scheduled, Succeeded soon after when a Job owns them. Needs ``fake_nodes``."""
+        if not any(process.name == "kwok" for process in self._processes):
+            raise ControlPlaneError("fake nodes need a control plane started with fake_nodes=[...]")
+        with self.admin_api_client() as api:
+            core = k8s.CoreV1Api(api)
+            body = k8s.V1Node.from_dict(node.manifest())
+            assert body is not None
+            core.create_node(body)
+
+            def ready() -> bool:
+                status = core.read_node(node.name).status
+                conditions = (status.conditions if status else None) or []
+                return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+            _wait_for(
+                ready, what=f"fake node {node.name} to be Ready", timeout=timeout, processes=self._processes
             )
 
     def _spawn(self, name: str, argv: Sequence[str]) -> _Process:
@@ -933,7 +1078,7 @@ def _crd_established(extensions: k8s.ApiextensionsV1Api, name: str) -> bool:
 # --------------------------------------------------------------------------------- CLI
 
 
-def _serve(work_dir: Path, controller_manager: bool, crds: Sequence[Path]) -> int:
+def _serve(work_dir: Path, controller_manager: bool, crds: Sequence[Path], fake_nodes: int) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -943,7 +1088,10 @@ def _serve(work_dir: Path, controller_manager: bool, crds: Sequence[Path]) -> in
     signal.signal(signal.SIGINT, request_stop)
     ready_file = work_dir / "ready"
     ready_file.unlink(missing_ok=True)
-    plane = ControlPlane(controller_manager=controller_manager, work_dir=work_dir, crds=crds)
+    nodes = [FakeNode(f"fake-gpu-{index}", gpus=8) for index in range(fake_nodes)]
+    plane = ControlPlane(
+        controller_manager=controller_manager, work_dir=work_dir, crds=crds, fake_nodes=nodes
+    )
     try:
         plane.start()
     except ControlPlaneError as error:
@@ -994,15 +1142,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="install the CRDs in this YAML file or directory first (repeatable)",
     )
     serve.add_argument(
+        "--fake-nodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N kwok nodes with 8 nvidia.com/gpu each, and a scheduler",
+    )
+    serve.add_argument(
         "--no-controller-manager", action="store_true", help="run only etcd and kube-apiserver"
     )
     args = parser.parse_args(argv)
     try:
         if args.command == "assets":
-            for name, path in find_binaries(build=not args.no_build).as_dict().items():
+            binaries = {
+                **find_binaries(build=not args.no_build).as_dict(),
+                **find_fake_node_binaries(build=not args.no_build).as_dict(),
+            }
+            for name, path in binaries.items():
                 print(f"{name}\t{path}")
             return 0
-        return _serve(args.dir.resolve(), controller_manager=not args.no_controller_manager, crds=args.crds)
+        return _serve(
+            args.dir.resolve(),
+            controller_manager=not args.no_controller_manager,
+            crds=args.crds,
+            fake_nodes=args.fake_nodes,
+        )
     except ControlPlaneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
