@@ -1,4 +1,4 @@
-.PHONY: quickstart test setup crd
+.PHONY: quickstart test crd
 
 quickstart:  ## Fine-tune the embedded default model on this machine (offline, CPU).
 	hack/setup
@@ -7,5 +7,6 @@ quickstart:  ## Fine-tune the embedded default model on this machine (offline, C
 test:  ## Lint, type-check and run every test (builds the test control plane once).
 	hack/test
 
-crd:  ## Regenerate crds/ and the chart's copy from kubetune/api.py.
+crd:  ## Regenerate the CRD (and the chart's copy) from kubetune/api.py.
 	.venv/bin/kubetune crd > crds/finetunejob.yaml
+	cp crds/finetunejob.yaml charts/kubetune/crds/finetunejob.yaml
