@@ -621,9 +621,11 @@ class ControlPlane:
             raise ControlPlaneError("control plane already started")
         binaries = self._binaries or find_binaries()
         self._binaries = binaries
+        # Found (or built) before anything starts, not while the rest waits.
+        fake_node_binaries = find_fake_node_binaries() if self.fake_nodes else None
         for attempt in range(3):
             try:
-                self._start_once(binaries)
+                self._start_once(binaries, fake_node_binaries)
                 return
             except _ProcessExited as error:
                 self.stop()
@@ -635,7 +637,7 @@ class ControlPlane:
                 self.stop()
                 raise
 
-    def _start_once(self, binaries: Binaries) -> None:
+    def _start_once(self, binaries: Binaries, fake_node_binaries: FakeNodeBinaries | None) -> None:
         if self._given_work_dir is not None:
             work_dir = self._given_work_dir
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -740,8 +742,8 @@ class ControlPlane:
 
         if self.controller_manager:
             self._start_controller_manager(binaries, serving, [etcd, apiserver])
-        if self.fake_nodes:
-            self._start_fake_nodes(serving)
+        if fake_node_binaries is not None:
+            self._start_fake_nodes(fake_node_binaries, serving)
 
     def _start_controller_manager(
         self, binaries: Binaries, serving: _Credential, running: list[_Process]
@@ -804,9 +806,8 @@ class ControlPlane:
                 processes=processes,
             )
 
-    def _start_fake_nodes(self, serving: _Credential) -> None:
+    def _start_fake_nodes(self, binaries: FakeNodeBinaries, serving: _Credential) -> None:
         assert self._pki is not None and self._server is not None
-        binaries = find_fake_node_binaries()
         pki, work_dir = self._pki, self.work_dir
         scheduler_credential = pki.issue("kube-scheduler", "system:kube-scheduler", client=True)
         scheduler_kubeconfig = work_dir / "kube-scheduler.kubeconfig"

@@ -13,10 +13,12 @@ from kubetune.testing.controlplane import (
     BINARY_NAMES,
     BUILD_SCRIPT,
     ETCD_VERSION,
+    FAKE_NODE_BINARY_NAMES,
     KUBERNETES_VERSION,
     ControlPlaneError,
     assets_cache_dir,
     find_binaries,
+    find_fake_node_binaries,
     locate_binary,
 )
 
@@ -61,8 +63,11 @@ def test_build_script_and_module_agree_on_cache_dir(clean_env: Path) -> None:
 def test_lookup_order_env_then_kubebuilder_assets_then_cache(
     clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cached = {name: _fake_binary(assets_cache_dir(), name) for name in BINARY_NAMES}
-    assert find_binaries(build=False).as_dict() == cached
+    cached = {name: _fake_binary(assets_cache_dir(), name) for name in ASSET_ENV_VARS}
+    assert find_binaries(build=False).as_dict() == {name: cached[name] for name in BINARY_NAMES}
+    assert find_fake_node_binaries(build=False).as_dict() == {
+        name: cached[name] for name in FAKE_NODE_BINARY_NAMES
+    }
 
     kubebuilder = tmp_path / "kubebuilder"
     from_kubebuilder = _fake_binary(kubebuilder, "kube-apiserver")
@@ -89,6 +94,8 @@ def test_missing_binaries_name_the_build_command(clean_env: Path) -> None:
     message = str(raised.value)
     assert "hack/build-test-assets" in message
     assert all(name in message for name in BINARY_NAMES)
+    with pytest.raises(ControlPlaneError, match="TEST_ASSET_KWOK"):
+        find_fake_node_binaries(build=False)
 
 
 def test_failed_build_is_reported(clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
