@@ -1,10 +1,11 @@
 """A real Kubernetes control plane on loopback: etcd, kube-apiserver and, optionally,
-kube-controller-manager, started from local binaries the way envtest does it.
+kube-controller-manager, plus kube-scheduler and kwok for fake nodes, started from local
+binaries the way envtest does it.
 
 Binaries are looked up per name in this order:
 
 1. ``TEST_ASSET_ETCD``, ``TEST_ASSET_KUBE_APISERVER``, ``TEST_ASSET_KUBE_CONTROLLER_MANAGER``,
-   ``TEST_ASSET_KUBECTL``;
+   ``TEST_ASSET_KUBECTL``, ``TEST_ASSET_KUBE_SCHEDULER``, ``TEST_ASSET_KWOK``;
 2. ``$KUBEBUILDER_ASSETS/<name>``;
 3. the project cache ``${XDG_CACHE_HOME:-~/.cache}/kubetune/assets/<version>/<name>``;
 4. otherwise ``hack/build-test-assets`` builds them into that cache.
