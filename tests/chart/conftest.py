@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,10 +28,15 @@ class HelmError(RuntimeError):
 @dataclass(frozen=True)
 class Helm:
     binary: Path
+    env: Mapping[str, str] | None = None
+
+    def using(self, **env: str) -> Helm:
+        """The same binary with more environment, e.g. KUBECONFIG."""
+        return Helm(self.binary, {**(self.env or os.environ), **env})
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [str(self.binary), *args], capture_output=True, text=True, timeout=120, check=False
+            [str(self.binary), *args], capture_output=True, text=True, timeout=120, check=False, env=self.env
         )
         if check and result.returncode != 0:
             raise HelmError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
