@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,28 @@ def test_the_pod_monitor_port_is_declared_on_trainer_pods(helm: Helm) -> None:
     [container] = planned_trainer_pod()["spec"]["containers"]
     ports = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
     assert ports.get(endpoint["port"]) == 9400
+
+
+def test_the_chart_packages_with_everything_it_needs(helm: Helm, tmp_path: Path) -> None:
+    helm.run("package", str(CHART), "--destination", str(tmp_path))
+    [archive] = tmp_path.glob("kubetune-0.1.0.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    for path in (
+        "Chart.yaml",
+        "values.yaml",
+        "values.schema.json",
+        "crds/finetunejob.yaml",
+        "dashboards/kubetune.json",
+        "templates/NOTES.txt",
+    ):
+        assert f"kubetune/{path}" in names
+    assert helm.run("template", "t", str(archive)).stdout == helm.run("template", "t", str(CHART)).stdout
+
+
+def test_clusters_older_than_the_job_features_are_refused(helm: Helm) -> None:
+    # Job podReplacementPolicy, which the operator sets, is on by default from 1.29.
+    old = helm.run("template", "t", str(CHART), "--kube-version", "1.28.9", check=False)
+    assert old.returncode != 0
+    assert "kubeVersion" in old.stderr
+    helm.run("template", "t", str(CHART), "--kube-version", "1.29.0")
