@@ -258,3 +258,11 @@ def test_hadolint_would_catch_a_problem(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "DL3007" in result.stdout  # the :latest tag
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.operator", "Dockerfile.trainer"])
+def test_the_images_use_the_uv_that_reads_the_lock(dockerfile: str) -> None:
+    setup = re.search(r"^UV_VERSION=(\S+)", (ROOT / "hack" / "setup").read_text(), re.MULTILINE)
+    assert setup, "hack/setup pins uv"
+    pins = set(re.findall(r"\buv(?:==|:)(\d+\.\d+\.\d+)", (ROOT / dockerfile).read_text()))
+    assert pins == {setup.group(1)}
