@@ -50,11 +50,17 @@ def run(
     output: Annotated[
         str | None, typer.Option(help="Write artifacts here instead of spec.output.uri.")
     ] = None,
+    nproc_per_node: Annotated[int, typer.Option(help="Processes (one per GPU; gloo on the CPU).")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines taking part (each runs this command).")] = 1,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="host:port of the c10d rendezvous.")] = None,
+    rdzv_id: Annotated[str, typer.Option(help="Rendezvous id shared by every machine.")] = "kubetune",
 ) -> None:
     """Run a FineTuneJob on this machine: every stage, with progress and a summary."""
+    from kubetune.trainer.distributed import Launch
     from kubetune.trainer.run import run_local
 
-    raise typer.Exit(run_local(job, output=output))
+    launch = Launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
+    raise typer.Exit(run_local(job, output=output, launch=launch))
 
 
 @app.command()

@@ -27,6 +27,7 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 SCRATCH_DIR = "/var/cache/kubetune"
 TRAINER_UID = 1000
 MASTER_PORT = 29500
+TRAINER_METRICS_PORT = 9400  # the trainer's /metrics (KUBETUNE_METRICS_PORT's default)
 
 MANAGER = "kubetune-operator"
 LABEL_NAME = "app.kubernetes.io/name"
@@ -350,6 +351,7 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],
     }
     env_from = [
         {"secretRef": {"name": secret}}
@@ -359,7 +361,7 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
     if env_from:
         container["envFrom"] = env_from
     if spec.resources.nodes > 1:
-        container["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+        container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT})
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -9,6 +9,7 @@ uploading) is ignored.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from kubetune.storage import StorageURI
+from kubetune.trainer import distributed
 from kubetune.trainer.context import RunContext
 
 MARKER = "COMPLETE"
@@ -46,25 +48,33 @@ def newest_complete(names: set[str]) -> int | None:
     return max(steps, default=None)
 
 
+def finished(checkpoint: str, planned_steps: int) -> bool:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return int(state["global_step"]) >= planned_steps
+
+
 class CheckpointSync(TrainerCallback):
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.remote: StorageURI = ctx.output.join("checkpoints")
 
     def restore(self) -> str | None:
+        """The newest complete checkpoint, on local disk for every process of this node."""
         names = {info.name for info in self.ctx.store.list_prefix(self.remote)}
         step = newest_complete(names)
         if step is None:
             return None
         local = self.ctx.workdir / "trainer" / f"checkpoint-{step}"
-        self.ctx.store.download_prefix(self.remote.join(f"step-{step}"), local)
-        (local / MARKER).unlink(missing_ok=True)
+        if distributed.local_rank() == 0:
+            self.ctx.store.download_prefix(self.remote.join(f"step-{step}"), local)
+            (local / MARKER).unlink(missing_ok=True)
+        distributed.barrier()
         self.ctx.reporter.log(f"resuming from checkpoint step {step}")
         return str(local)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not local.is_dir():
+        if not state.is_world_process_zero or not local.is_dir():
             return
         target = self.remote.join(f"step-{state.global_step}")
         self.ctx.store.upload_prefix(local, target)

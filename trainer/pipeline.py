@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kubetune import api
 from kubetune.storage import ObjectStore, StorageConfig, StorageURI, join_uri, parse_uri
+from kubetune.trainer import distributed
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.reporter import Reporter
 from kubetune.trainer.stages import baseline, evaluate, fetch, merge, prepare, push, quantize, train
@@ -26,6 +27,10 @@ STAGES: list[tuple[api.Stage, Stage]] = [
     (api.Stage.QUANTIZE, quantize.run),
     (api.Stage.PUSH, push.run),
 ]
+
+
+# Every rank trains; rank 0 alone evaluates, merges, quantizes, publishes and reports.
+MAIN_ONLY = {api.Stage.BASELINE, api.Stage.EVALUATE, api.Stage.MERGE, api.Stage.QUANTIZE, api.Stage.PUSH}
 
 
 def artifact_root(job: api.FineTuneJob, override: str | None = None) -> StorageURI:
@@ -60,13 +65,32 @@ def execute(
         reporter=reporter,
         run_id=run_id,
     )
-    shutil.rmtree(ctx.staging, ignore_errors=True)
-    for stage, step in STAGES:
-        if stage == api.Stage.BASELINE and not job.spec.evaluation.baseline:
-            continue
-        reporter.stage_started(stage)
-        started = time.monotonic()
-        step(ctx)
-        ctx.timings[stage.value] = round(time.monotonic() - started, 2)
-        reporter.stage_finished(stage, ctx.timings[stage.value])
+    distributed.init()
+    if distributed.is_main():
+        shutil.rmtree(ctx.staging, ignore_errors=True)
+    try:
+        for stage, step in STAGES:
+            if stage == api.Stage.BASELINE and not job.spec.evaluation.baseline:
+                continue
+            if stage in MAIN_ONLY and not distributed.is_main():
+                continue
+            reporter.stage_started(stage)
+            started = time.monotonic()
+            if stage == api.Stage.FETCH:
+                _fetch_once_per_node(step, ctx)
+            else:
+                step(ctx)
+            ctx.timings[stage.value] = round(time.monotonic() - started, 2)
+            reporter.stage_finished(stage, ctx.timings[stage.value])
+    finally:
+        distributed.shutdown()
     return ctx
+
+
+def _fetch_once_per_node(step: Stage, ctx: RunContext) -> None:
+    """The node's first process downloads; the others then find every file in place."""
+    if distributed.local_rank() != 0:
+        distributed.barrier()
+    step(ctx)
+    if distributed.local_rank() == 0:
+        distributed.barrier()

@@ -117,3 +117,25 @@ class ConsoleReporter:
             self._bar.stop()
             self._bar = None
             self._task = None
+
+
+class SilentReporter:
+    """For every process but rank 0: it trains, rank 0 speaks."""
+
+    def stage_started(self, stage: api.Stage) -> None:
+        pass
+
+    def stage_finished(self, stage: api.Stage, seconds: float) -> None:
+        pass
+
+    def progress(self, progress: api.Progress) -> None:
+        pass
+
+    def results(self, results: api.Results) -> None:
+        pass
+
+    def artifacts(self, artifacts: api.Artifacts) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass

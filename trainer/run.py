@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,8 +19,10 @@ if TYPE_CHECKING:
 
 from kubetune import exitcodes
 from kubetune.storage import StorageError
+from kubetune.trainer import distributed
+from kubetune.trainer.distributed import Launch
 from kubetune.trainer.presets import cache_root
-from kubetune.trainer.reporter import ConsoleReporter, Reporter
+from kubetune.trainer.reporter import ConsoleReporter, Reporter, SilentReporter
 from kubetune.validation import InvalidJob, load_job
 
 
@@ -57,29 +60,53 @@ def run_job_file(
     except (StorageError, Interrupted) as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
         return exitcodes.FAILURE
-    summary(ctx, console)
+    if distributed.is_main():
+        summary(ctx, console)
     return exitcodes.OK
 
 
-def run_local(path: Path, output: str | None = None) -> int:
+def run_local(path: Path, output: str | None = None, launch: Launch | None = None) -> int:
+    """`kubetune run`: this process, or one per `--nproc-per-node` under torchrun."""
     console = Console(soft_wrap=True)
-    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=_ensure(cache_root() / "work")))
+    given = os.environ.get("KUBETUNE_WORKDIR")
+    workdir = (
+        Path(given) if given else Path(tempfile.mkdtemp(prefix="run-", dir=_ensure(cache_root() / "work")))
+    )
     try:
-        code = run_job_file(path, ConsoleReporter(console), console, output=output, workdir=scratch)
+        if launch is not None and launch.needed and not distributed.launched():
+            argv = ["run", str(path), *(["--output", output] if output else [])]
+            env = os.environ | {"KUBETUNE_WORKDIR": str(workdir)}
+            code = subprocess.run(launch.command(argv), env=env, check=False).returncode
+        else:
+            reporter = ConsoleReporter(console) if distributed.is_main() else SilentReporter()
+            code = run_job_file(path, reporter, console, output=output, workdir=workdir)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not given:
+            shutil.rmtree(workdir, ignore_errors=True)
     # Bad input is exit status 1 on the command line; the pod's distinct code is for the Job.
     return exitcodes.FAILURE if code == exitcodes.CONFIG_ERROR_EXIT_CODE else code
 
 
 def run_in_pod(config: Path) -> int:
+    """`kubetune trainer`: one process per GPU (and node) under torchrun when there are several."""
+    console = Console(soft_wrap=True)
+    if not distributed.launched():
+        try:
+            job = load_job(config)
+        except InvalidJob as exc:
+            console.print(str(exc), markup=False, highlight=False)
+            return exitcodes.CONFIG_ERROR_EXIT_CODE
+        job_id = f"{job.metadata.namespace or 'default'}-{job.metadata.name}"
+        launch = distributed.pod_launch(job.spec.resources.gpus, job_id)
+        if launch.needed:
+            return subprocess.run(
+                launch.command(["trainer", "--config", str(config)]), check=False
+            ).returncode
     from kubetune.trainer.status import pod_reporter
 
-    console = Console(soft_wrap=True)
+    reporter = pod_reporter(console) if distributed.is_main() else SilentReporter()
     workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/var/cache/kubetune/work"))
-    return run_job_file(
-        config, pod_reporter(console), console, output=os.environ.get("KUBETUNE_OUTPUT"), workdir=workdir
-    )
+    return run_job_file(config, reporter, console, output=os.environ.get("KUBETUNE_OUTPUT"), workdir=workdir)
 
 
 def summary(ctx: RunContext, console: Console) -> None:

@@ -271,11 +271,6 @@ def test_the_crd_in_the_chart_is_installed_first(helm: Helm) -> None:
     assert manifests[0]["spec"]["names"]["kind"] == api.KIND
 
 
-@pytest.mark.xfail(
-    reason="operator/planning.py does not yet declare the trainer's metrics port (9400, named "
-    "`metrics`) on the trainer container; the PodMonitor scrapes it by that name",
-    strict=False,
-)
 def test_the_pod_monitor_port_is_declared_on_trainer_pods(helm: Helm) -> None:
     pod_monitor = one(helm.template(set_json={"metrics.podMonitor.enabled": True}), "PodMonitor")
     [endpoint] = pod_monitor["spec"]["podMetricsEndpoints"]

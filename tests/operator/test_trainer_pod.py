@@ -89,15 +89,15 @@ def run_pod(
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     paths: dict[str, Path] = {}
     for volume in pod["spec"]["volumes"]:
-        local = root / volume["name"]
-        local.mkdir(parents=True)
+        directory = root / volume["name"]
+        directory.mkdir(parents=True)
         if "configMap" in volume:
             config_map = kube.get("ConfigMap", ns, volume["configMap"]["name"])
             assert config_map is not None
             for key, value in config_map["data"].items():
-                (local / key).write_text(value)
+                (directory / key).write_text(value)
         if mounts.get(volume["name"]) not in (None, "/tmp"):
-            paths[mounts[volume["name"]]] = local
+            paths[mounts[volume["name"]]] = directory
 
     def local(value: str) -> str:
         for mount, path in paths.items():

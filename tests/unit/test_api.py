@@ -261,7 +261,7 @@ def test_api_server_rejects_the_same_manifests_at_the_same_field(
             "/apis/kubetune.io/v1alpha1/namespaces/default/finetunejobs?fieldValidation=Strict&dryRun=All",
             body=body,
         )
-    error = json.loads(rejected.value.body)
+    error = json.loads(rejected.value.body or "{}")
     fields = {cause.get("field") for cause in error.get("details", {}).get("causes", [])}
     assert field in fields or f'unknown field "{field}"' in error["message"], error
 

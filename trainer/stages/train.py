@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+)
 
 from kubetune import api
 from kubetune.trainer import checkpoints, modeling
@@ -94,8 +101,6 @@ class ReportProgress(TrainerCallback):
         logs = logs or {}
         if "eval_loss" in logs:
             self.eval_loss = logs["eval_loss"]
-        entry = {"step": float(state.global_step), **{k: float(v) for k, v in logs.items() if _number(v)}}
-        self.ctx.history.append(entry)
         elapsed = max(time.monotonic() - self.started, 1e-9)
         done = state.global_step - self.first_step
         remaining = state.max_steps - state.global_step
@@ -117,6 +122,14 @@ class ReportProgress(TrainerCallback):
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def planned_steps(trainer: Trainer) -> int:
+    args = trainer.args
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    per_epoch = max(len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps, 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
 
 
 def run(ctx: RunContext) -> None:
@@ -148,13 +161,25 @@ def run(ctx: RunContext) -> None:
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through the reporter
     resume = sync.restore() if sync is not None else None
-    with checkpoints.save_on_sigterm(trainer):
-        result = trainer.train(resume_from_checkpoint=resume)
+    if resume is not None and checkpoints.finished(resume, planned_steps(trainer)):
+        # Trainer would take one more step from a checkpoint at the very end: load it instead.
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        runtime = 0.0
+    else:
+        with checkpoints.save_on_sigterm(trainer):
+            runtime = float(trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0))
+    # The whole run's log, also the steps before a resume (restored with the checkpoint).
+    ctx.history = [
+        {"step": float(entry["step"]), **{k: float(v) for k, v in entry.items() if _number(v)}}
+        for entry in trainer.state.log_history
+    ]
     ctx.trained_tokens = counter.tokens
-    ctx.checks["train_runtime_seconds"] = float(result.metrics.get("train_runtime", 0.0))
+    ctx.checks["train_runtime_seconds"] = runtime
     ctx.checks["global_step"] = float(trainer.state.global_step)
     model: Any = trainer.model
     ctx.model = model
-    target = ctx.staging / ("merged" if spec.method == api.Method.FULL else "adapter")
-    model.save_pretrained(target, safe_serialization=True)
-    ctx.tokenizer.save_pretrained(target)
+    if trainer.is_world_process_zero():
+        target = ctx.staging / ("merged" if spec.method == api.Method.FULL else "adapter")
+        model.save_pretrained(target, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(target)
