@@ -19,7 +19,9 @@ Measured per size:
   admin client before the first apply and once the operator is quiet (every FineTuneJob has a
   phase and the counter has not moved for 3 s), less the benchmark's own requests; by verb and
   resource;
-* the operator's peak RSS, and its RSS when idle before the first apply.
+* the operator's peak RSS, and its RSS when idle before the first apply;
+* CPU seconds used by the operator, kube-apiserver and etcd from the first apply until every
+  Job exists, and (``--py-spy PATH``) where the operator's own CPU time goes.
 
 Results: a table on stdout and raw figures in ``bench/operator_scale.json``.
 """
@@ -229,8 +231,70 @@ def wait_quiet(kube: Kube, namespace: str, n: int, deadline: float) -> tuple[int
         previous = current
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def control_plane_pids() -> dict[str, int]:
+    """kube-apiserver and etcd, started by this process's ControlPlane."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.name() in ("kube-apiserver", "etcd"):
+                found[child.name()] = child.pid
+    return found
+
+
+def profile(py_spy: str | None, pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling every thread of the operator (collapsed stacks), until stopped."""
+    if not py_spy:
+        return None
+    command = [
+        py_spy,
+        "record",
+        "-p",
+        str(pid),
+        "-o",
+        str(out),
+        "--format",
+        "raw",
+        "-r",
+        "100",
+        "--nonblocking",
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_functions(collapsed: Path, count: int = 20) -> list[tuple[str, float]]:
+    """Where the operator's CPU samples end (self time), by package and function, largest first."""
+    totals: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, number = line.strip().rpartition(" ")
+        if not number.isdigit():
+            continue
+        n = int(number)
+        samples += n
+        leaf = stack.split(";")[-1]  # "function (path/to/module.py:line)"
+        function, _, where = leaf.partition(" (")
+        module = where.split(":")[0]
+        package = module.split("/")[0] if "/" in module else module
+        totals[f"{package}: {function}"] += n
+    return [(frame, round(n / samples, 3)) for frame, n in totals.most_common(count)] if samples else []
+
+
 def run_size(
-    plane: ControlPlane, admin: ApiClient, n: int, rate: float, workers: int, work: Path
+    plane: ControlPlane,
+    admin: ApiClient,
+    n: int,
+    rate: float,
+    workers: int,
+    work: Path,
+    py_spy: str | None = None,
 ) -> dict[str, Any]:
     kube = Kube(admin)
     namespace = f"bench-{n}-{int(time.time())}"
@@ -247,11 +311,18 @@ def run_size(
         sampler.start()
         before = request_counts(kube)
         load = os.getloadavg()[0]
+        pids = {"operator": proc.pid, **control_plane_pids()}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        spy = profile(py_spy, proc.pid, work / f"profile-{n}.txt")
         sent, t0, applied = apply_all(kube, namespace, n, rate, workers)
         deadline = applied + max(120.0, n * 0.5)
         while watch.count() < n and time.monotonic() < deadline:
             time.sleep(0.05)
         all_jobs = time.monotonic()
+        cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         missing = n - watch.count()
         own_lists, after = wait_quiet(kube, namespace, n, deadline)
         quiet = time.monotonic()
@@ -288,6 +359,8 @@ def run_size(
         "latency_p99_s": percentile(latencies, 99),
         "latency_max_s": max(latencies) if latencies else float("nan"),
         "latency_mean_s": statistics.fmean(latencies) if latencies else float("nan"),
+        "cpu_seconds_until_all_jobs": cpu,
+        "operator_profile": top_functions(work / f"profile-{n}.txt") if py_spy else None,
         "requests_per_job": round(sum(v for v in delta.values() if v > 0) / n, 2),
         "requests_per_job_by_kind": by_kind,
         "operator_idle_rss_mb": idle_rss / 1024,
@@ -296,6 +369,16 @@ def run_size(
             (t, round(kib / 1024, 1)) for t, kib in sampler.samples[:: max(1, len(sampler.samples) // 60)]
         ],
     }
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-size medians of the numeric figures."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and k != "repeat"]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["runs"] = len(runs)
+    out["latency_p99_s_runs"] = [round(r["latency_p99_s"], 2) for r in runs]
+    out["operator_peak_rss_mb_runs"] = [round(r["operator_peak_rss_mb"], 1) for r in runs]
+    return out
 
 
 def main() -> int:
@@ -307,6 +390,10 @@ def main() -> int:
         "--rate", type=float, default=0.0, help="FineTuneJobs per second; 0 = as fast as possible"
     )
     parser.add_argument("--workers", type=int, default=4, help="parallel clients applying FineTuneJobs")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per size (a fresh namespace and operator)"
+    )
+    parser.add_argument("--py-spy", help="path of a py-spy binary: profile the operator during the apply")
     parser.add_argument("--output", type=Path, default=HERE / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -316,33 +403,42 @@ def main() -> int:
         work = Path(scratch)
         with ControlPlane(controller_manager=False) as plane, plane.admin_api_client() as admin:
             install_crd(admin)
-            for n in sizes:
-                result = run_size(plane, admin, n, args.rate, args.workers, work)
+            for repeat, n in ((rep, n) for rep in range(args.repeats) for n in sizes):
+                result = {
+                    "repeat": repeat,
+                    **run_size(plane, admin, n, args.rate, args.workers, work, args.py_spy),
+                }
                 results.append(result)
                 r = result
                 print(
                     f"{n:>5} FineTuneJobs: p50 {r['latency_p50_s']:.2f}s p99 {r['latency_p99_s']:.2f}s, "
                     f"all Jobs after {r['all_jobs_seconds']:.1f}s, {r['requests_per_job']} requests/job, "
-                    f"operator peak RSS {r['operator_peak_rss_mb']:.0f} MB (load {r['load_before']:.2f})",
+                    f"operator peak RSS {r['operator_peak_rss_mb']:.0f} MB (load {r['load_before']:.2f}); "
+                    f"CPU seconds until all Jobs: {r['cpu_seconds_until_all_jobs']}",
                     flush=True,
                 )
     mode = (
         f"paced at {args.rate:g}/s" if args.rate else f"applied as fast as possible by {args.workers} clients"
     )
-    print(f"\nFineTuneJobs {mode}; apply -> trainer Job latency from a watch")
+    print(f"\nFineTuneJobs {mode}; apply -> trainer Job latency from a watch; median of {args.repeats}")
+    summary = [median_of([r for r in results if r["size"] == n]) for n in sizes]
     header = (
         f"{'jobs':>5} {'p50 s':>6} {'p99 s':>6} {'max s':>6} {'all Jobs s':>10} {'jobs/s':>7} "
         f"{'req/job':>7} {'idle MB':>7} {'peak MB':>7}"
     )
     print(header)
     print("-" * len(header))
-    for r in results:
+    for r in summary:
         print(
             f"{r['size']:>5} {r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f} "
             f"{r['latency_max_s']:>6.2f} "
             f"{r['all_jobs_seconds']:>10.1f} {r['jobs_per_second']:>7.1f} {r['requests_per_job']:>7.1f} "
             f"{r['operator_idle_rss_mb']:>7.0f} {r['operator_peak_rss_mb']:>7.0f}"
         )
+    if results and results[-1]["operator_profile"]:
+        print("\noperator CPU samples by package and function, self time (largest size):")
+        for frame, share in results[-1]["operator_profile"]:
+            print(f"  {share:>6.1%}  {frame[:100]}")
     if results:
         print("\nrequests per FineTuneJob by kind (largest size):")
         for kind, v in sorted(results[-1]["requests_per_job_by_kind"].items(), key=lambda kv: -kv[1]):
@@ -353,6 +449,7 @@ def main() -> int:
                 "command": " ".join([".venv/bin/python", "bench/operator_scale.py", *sys.argv[1:]]),
                 "started": started,
                 "nproc": os.cpu_count(),
+                "summary": summary,
                 "results": results,
             },
             indent=2,
