@@ -15,6 +15,8 @@ Methods (interleaved, so load changes hit all alike):
     objectstore          ObjectStore.download_prefix with the default StorageConfig (transfer manager,
                          8 MiB ranged GETs, 8 in flight), every file hashed and checked, renamed into place
     objectstore-c<N>-<M> the same with max_concurrency N and multipart_chunksize M MiB
+    objectstore-unverified  the same transfers without the SHA-256 check (a subclass in this script:
+                         kubetune always verifies), to show what the check costs
     get_object           one get_object per file, the body read in 1 MiB blocks and written to disk
     get_object+sha256    the same, hashing while reading (what verifying the download costs it)
 
@@ -36,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetune.storage import MiB, ObjectStore, parse_uri
+from kubetune.storage import MiB, ObjectStore, StorageURI, Transfer, parse_uri
 from kubetune.testing.s3 import S3Server
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +62,23 @@ def make_files(directory: Path, count: int, size: int) -> None:
 
 def objectstore_download(server: S3Server, uri: str, dest: Path, **config: Any) -> int:
     with ObjectStore(server.storage_config(**config)) as store:
+        transfers = store.download_prefix(uri, dest)
+    return sum(t.size for t in transfers)
+
+
+class UnverifiedStore(ObjectStore):
+    """ObjectStore minus the SHA-256 check after each download: the transfer manager alone.
+    Not a mode kubetune has; it shows what the verification costs."""
+
+    def _finish_download(
+        self, src: StorageURI, dest: Path, tmp: Path, size: int, sha: str | None
+    ) -> Transfer:
+        tmp.replace(dest)
+        return Transfer(src, parse_uri(dest), size, sha or "", skipped=False)
+
+
+def unverified_download(server: S3Server, uri: str, dest: Path) -> int:
+    with UnverifiedStore(server.storage_config()) as store:
         transfers = store.download_prefix(uri, dest)
     return sum(t.size for t in transfers)
 
@@ -94,6 +113,8 @@ def parse_variant(name: str) -> dict[str, Any]:
 def action(method: str, server: S3Server, uri: str) -> Callable[[Path], int]:
     if method == "objectstore":
         return lambda dest: objectstore_download(server, uri, dest)
+    if method == "objectstore-unverified":
+        return lambda dest: unverified_download(server, uri, dest)
     if method.startswith("objectstore-"):
         cfg = parse_variant(method)
         return lambda dest: objectstore_download(server, uri, dest, **cfg)
