@@ -487,11 +487,15 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['side']:<18} {r['runs']:>4} {r['tokens_per_second']:>9,.0f} {r['speedup'] or 0:>8.2f} "
+            f"{r['side']:<18} {r['runs']:>4} {r['tokens_per_second']:>9,.0f} {_ratio(r['speedup']):>8} "
             f"{r['padding_share']:>8.1%} {r['steps']:>5} {r['train_seconds']:>8.1f} "
             f"{r['peak_rss_mb']:>11.0f} "
-            f"{r['validation_loss']:>9.4f} {r['loss_vs_recipe'] or 0:>11.3f}"
+            f"{r['validation_loss']:>9.4f} {_ratio(r['loss_vs_recipe'], 3):>11}"
         )
+
+
+def _ratio(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> int:
