@@ -420,7 +420,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         path="spec",
-        cel="!has(self.export.quantize) || size(self.export.quantize) == 0 || self.export.merge || self.method == 'full'",
+        cel="!has(self.export.quantize) || size(self.export.quantize) == 0"
+        " || self.export.merge || self.method == 'full'",
         message="quantized exports are made from the merged model: set export.merge",
         holds=lambda s: not s.export.quantize or s.export.merge or s.method == Method.FULL,
         field="export.quantize",
