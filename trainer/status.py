@@ -22,7 +22,7 @@ from kubetune.trainer.reporter import ConsoleReporter, Reporter, Reporters
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-_LABELS = ("namespace", "job")
+_LABELS = ("namespace", "finetunejob")
 
 
 def _gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
@@ -45,7 +45,7 @@ class MetricsReporter:
     """Feeds the trainer's Prometheus gauges."""
 
     def __init__(self, namespace: str, job: str) -> None:
-        self.labels = {"namespace": namespace, "job": job}
+        self.labels = {"namespace": namespace, "finetunejob": job}
 
     def stage_started(self, stage: api.Stage) -> None:
         for s in api.Stage:

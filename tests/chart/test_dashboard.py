@@ -213,10 +213,10 @@ def test_the_dashboard_shows_what_operators_need() -> None:
     for panel in panels(board):
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-    # Trainer series are filtered by the dashboard's namespace and job choices.
+    # Trainer series are filtered by the dashboard's namespace and FineTuneJob choices.
     for where, expr in queries(board):
         if "kubetune_trainer_" in expr and where.startswith("panel"):
-            assert 'namespace=~"$namespace"' in expr and 'job=~"$job"' in expr, where
+            assert 'namespace=~"$namespace"' in expr and 'finetunejob=~"$finetunejob"' in expr, where
 
 
 def test_panels_do_not_overlap() -> None:
@@ -228,3 +228,22 @@ def test_panels_do_not_overlap() -> None:
             for y in range(grid["y"], grid["y"] + grid["h"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
                 cells[(x, y)] = panel["title"]
+
+
+def test_the_trainer_labels_its_series_with_the_finetunejob() -> None:
+    import kubetune.trainer.status as trainer_status
+    from kubetune import api
+
+    trainer_status.MetricsReporter("team-a", "llama-lora").progress(api.Progress(step=7, loss=1.5))
+    samples = [
+        sample
+        for family in trainer_status.REGISTRY.collect()
+        for sample in family.samples
+        if sample.labels.get("finetunejob") == "llama-lora"
+    ]
+    values = {(s.name, s.value) for s in samples}
+    assert values >= {("kubetune_trainer_step", 7), ("kubetune_trainer_loss", 1.5)}
+    # The same labels as the operator's per-job series; `job` stays Prometheus' own target label.
+    assert all(s.labels["namespace"] == "team-a" and "job" not in s.labels for s in samples)
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert variables["finetunejob"]["query"]["query"].endswith(", finetunejob)")
