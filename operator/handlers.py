@@ -46,6 +46,7 @@ class Controller:
     _dirty: set[Key] = field(default_factory=set)
     _workers: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     _last_jobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    _created_jobs: dict[Key, str] = field(default_factory=dict)
     reconciliations: int = 0
 
     async def reconcile(self, namespace: str, name: str) -> Result:
@@ -55,7 +56,7 @@ class Controller:
             self.metrics.reconcile_total.inc()
             with self.metrics.reconcile_duration.time():
                 try:
-                    return await asyncio.to_thread(
+                    result = await asyncio.to_thread(
                         self.reconciler.reconcile,
                         namespace,
                         name,
@@ -64,9 +65,17 @@ class Controller:
                 except Exception:
                     self.metrics.reconcile_errors.inc()
                     raise
+            if result.created_job_version:
+                self._created_jobs[(namespace, name)] = result.created_job_version
+            return result
 
-    def saw_job(self, namespace: str, name: str, job: Mapping[str, Any]) -> None:
-        self._last_jobs[(namespace, name)] = copy.deepcopy(dict(job))
+    def saw_job(self, namespace: str, name: str, job: Mapping[str, Any]) -> bool:
+        """Remembers the Job; False when it is exactly as a reconciliation created it (the
+        watch echoing the create), which needs no reconciliation of its own."""
+        key = (namespace, name)
+        self._last_jobs[key] = copy.deepcopy(dict(job))
+        version = (job.get("metadata") or {}).get("resourceVersion")
+        return self._created_jobs.pop(key, None) != version
 
     def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
         key = (namespace, name)
@@ -100,6 +109,7 @@ class Controller:
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
         self._last_jobs.pop((namespace, name), None)
+        self._created_jobs.pop((namespace, name), None)
 
     async def close(self) -> None:
         workers = list(self._workers.values())
@@ -187,8 +197,8 @@ async def trainer_job_changed(body: kopf.Body, namespace: str | None, memo: Any,
     owner = owner_name(body)
     if owner and namespace:
         controller = _runtime(memo).controller
-        controller.saw_job(namespace, owner, body)
-        controller.kick(namespace, owner)
+        if controller.saw_job(namespace, owner, body):
+            controller.kick(namespace, owner)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=REGISTRY)

@@ -37,6 +37,15 @@ def status_of(error: BaseException) -> int | None:
     return getattr(error, "status", None) if isinstance(error, ApiException) else None
 
 
+def message_of(error: ApiException) -> str:
+    """The API server's own words for a refused request (its Status message), else the HTTP status."""
+    try:
+        message = json.loads(error.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"{error.status}: {message}" if message else str(error.status)
+
+
 class Kube:
     def __init__(self, client: ApiClient) -> None:
         self.client = client

@@ -7,6 +7,7 @@ Run with ``-p kubetune.testing.controlplane_fixtures``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,13 +18,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes.client import ApiClient
+from kubernetes.client import ApiClient, BatchV1Api
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch import Watch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import api
 from kubetune.operator import planning, rbac
+from kubetune.operator.handlers import Controller
 from kubetune.operator.kube import Kube
+from kubetune.operator.metrics import Metrics
+from kubetune.operator.reconcile import Reconciler
 from kubetune.operator.testing import (
     OperatorRunner,
     free_port,
@@ -647,3 +652,82 @@ def test_several_nodes_get_an_indexed_job_and_a_headless_service(
         set_pod_running(kube.client, pod)
     running = wait_phase(kube, ns, "multi", "Running")
     assert running["status"]["attempts"] == 1
+
+
+class RecordingKube(Kube):
+    """The real client, noting each request it sends (method and resource path)."""
+
+    def __init__(self, client: ApiClient) -> None:
+        super().__init__(client)
+        self.sent: list[tuple[str, str]] = []
+
+    def request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        self.sent.append((method, path.rsplit("/namespaces/", 1)[1].split("/", 1)[1]))
+        return super().request(method, path, **kw)
+
+
+def test_a_new_finetunejob_costs_one_request_per_object(
+    control_plane_api_client: ApiClient, kube: Kube, ns: str
+) -> None:
+    create(kube, ns, "frugal")
+    recording = RecordingKube(control_plane_api_client)
+    reconciler = Reconciler(recording, planning.OperatorConfig(trainer_image="registry.test/t:1"))
+    names = planning.Names.of("frugal")
+    result = reconciler.reconcile(ns, "frugal")
+    assert result.phase == "Pending"
+    job = kube.get("Job", ns, names.job)
+    assert job and result.created_job_version and job["metadata"]["uid"]
+    posts = [path.split("/")[0] for method, path in recording.sent if method == "POST"]
+    assert posts == ["configmaps", "serviceaccounts", "roles", "rolebindings", "jobs", "events"]
+    assert recording.sent[0] == ("GET", "finetunejobs/frugal")
+    assert [m for m, _ in recording.sent[1:]].count("GET") == 0, "no reads before creating, no pod list"
+    assert recording.sent[-2] == ("PATCH", "finetunejobs/frugal/status")
+    assert len(recording.sent) == 8, "GET the FineTuneJob, 5 creates, its status, one event"
+
+    # Once started, a pass reads the objects, then the Job's pods; with nothing new, that is all.
+    assert reconciler.reconcile(ns, "frugal").created_job_version is None
+    recording.sent.clear()
+    again = reconciler.reconcile(ns, "frugal")
+    assert again.phase == "Pending" and again.created_job_version is None
+    assert {m for m, _ in recording.sent} == {"GET"}
+    assert len(recording.sent) == 1 + len(KINDS) + 1
+    assert_one_of_each(kube, ns, "frugal")
+
+
+def test_after_a_crash_before_the_status_the_creates_find_what_exists(
+    control_plane_api_client: ApiClient, kube: Kube, ns: str
+) -> None:
+    """Objects made by a pass that died before writing status: each create gets a 409, then a read."""
+    created = create(kube, ns, "half-done")
+    config = planning.OperatorConfig(trainer_image="registry.test/t:1")
+    plan = planning.plan(planning.parse(created), config)
+    made = {obj["kind"]: kube.create(obj)["metadata"]["uid"] for obj in plan.objects()}
+    recording = RecordingKube(control_plane_api_client)
+    result = Reconciler(recording, config).reconcile(ns, "half-done")
+    assert result.phase == "Pending" and result.created_job_version is None
+    kids = assert_one_of_each(kube, ns, "half-done")
+    assert {kind: kids[kind]["metadata"]["uid"] for kind in KINDS} == made
+    assert [m for m, p in recording.sent if p.startswith("pods")] == ["GET"], "the Job's pods are listed"
+
+
+def test_the_watch_echo_of_a_job_just_created_needs_no_reconciliation(
+    control_plane_api_client: ApiClient, kube: Kube, ns: str
+) -> None:
+    create(kube, ns, "echo")
+    jobs = BatchV1Api(control_plane_api_client)
+    listed = jobs.list_namespaced_job(ns).metadata
+    assert listed is not None
+    controller = Controller(
+        Reconciler(kube, planning.OperatorConfig(trainer_image="registry.test/t:1")), Metrics()
+    )
+    asyncio.run(controller.reconcile(ns, "echo"))
+    # The Job as the operator's watch shows it: created, then updated by the Job controller.
+    watch = Watch()  # type: ignore[no-untyped-call]
+    events = watch.stream(  # type: ignore[no-untyped-call]
+        jobs.list_namespaced_job, ns, resource_version=listed.resource_version, timeout_seconds=3
+    )
+    seen = [event["raw_object"] for event in events]
+    assert len(seen) >= 2, "ADDED, then MODIFIED when the Job controller makes the pod"
+    assert controller.saw_job(ns, "echo", seen[0]) is False, "the create's own event"
+    assert all(controller.saw_job(ns, "echo", job) for job in seen[1:])
+    assert controller.saw_job(ns, "echo", seen[0]) is True, "a restarted watch shows it again"
