@@ -169,14 +169,10 @@ def percentile(values: list[float], p: float) -> float:
     return s[max(0, -(-int(p * len(s)) // 100) - 1)] if s else float("nan")
 
 
-def start_operator(
-    plane: ControlPlane, namespace: str, log: Path, fewer_requests: bool = False
-) -> tuple[subprocess.Popen[bytes], int]:
+def start_operator(plane: ControlPlane, namespace: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     health = free_port()
     env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig_path), "KUBETUNE_LOG_FORMAT": "plain"}
     command = [sys.executable, "-m", "kubetune", "operator", "-n", namespace]
-    if fewer_requests:  # the same command line, with the operator patched first (see below)
-        command = [sys.executable, __file__, "--operator-fewer-requests", "-n", namespace]
     command += ["--metrics-port", str(free_port()), "--health-port", str(health)]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -299,13 +295,12 @@ def run_size(
     workers: int,
     work: Path,
     py_spy: str | None = None,
-    fewer_requests: bool = False,
 ) -> dict[str, Any]:
     kube = Kube(admin)
     namespace = f"bench-{n}-{int(time.time())}"
     kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": namespace}})
     log = work / f"operator-{namespace}.log"
-    proc, _ = start_operator(plane, namespace, log, fewer_requests)
+    proc, _ = start_operator(plane, namespace, log)
     try:
         time.sleep(2.0)  # the operator's watches are open and settled
         idle_rss = vm_kib(proc.pid, "VmRSS")
@@ -386,103 +381,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class FewerRequests:
-    """``kubetune operator`` with three changes patched in, to measure them (the operator's own
-    files are unchanged):
-
-    1. while a FineTuneJob has no ``status.startTime``, POST each child first and GET it only on
-       409 (instead of GET, then POST);
-    2. no pods LIST in the pass that created the Job (there can be none);
-    3. no reconciliation for the watch event of a Job exactly as this operator created it (same
-       ``resourceVersion`` as its create response).
-
-    Reconciliations run in worker threads at once: per-pass state is thread-local.
-    """
-
-    def __init__(self) -> None:
-        self.local = threading.local()
-        self.created: dict[tuple[str, str], str] = {}  # (namespace, owner) -> our Job's resourceVersion
-        self.skip: set[tuple[str, str]] = set()
-        self.lock = threading.Lock()
-
-    def install(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        from kubetune.operator import handlers, kube, reconcile
-
-        local = self.local
-        plain: dict[str, Any] = {}
-        plain["reconcile"] = reconcile.Reconciler.reconcile
-        plain["get_or_create"] = reconcile.Reconciler._get_or_create
-        plain["get"], plain["list"] = kube.Kube.get, kube.Kube.list
-        plain["saw_job"], plain["kick"] = handlers.Controller.saw_job, handlers.Controller.kick
-
-        def reconcile_(rec: Any, namespace: str, name: str, **kw: Any) -> Any:
-            local.fresh, local.created_job = None, None
-            return plain["reconcile"](rec, namespace, name, **kw)
-
-        def get(k: Any, kind: str, namespace: str, name: str) -> Any:
-            found = plain["get"](k, kind, namespace, name)
-            if kind == api.KIND and getattr(local, "fresh", False) is None:
-                local.fresh = found is not None and not (found.get("status") or {}).get("startTime")
-            return found
-
-        def list_(k: Any, kind: str, namespace: str, **kw: Any) -> Any:
-            job = getattr(local, "created_job", None)
-            if (
-                kind == "Pod"
-                and job is not None
-                and job["metadata"]["uid"] in (kw.get("label_selector") or "")
-            ):
-                return []
-            return plain["list"](k, kind, namespace, **kw)
-
-        def get_or_create(rec: Any, obj: Any, uid: str, *, create: bool = True) -> Any:
-            if not (create and getattr(local, "fresh", False)):
-                return plain["get_or_create"](rec, obj, uid, create=create)
-            try:
-                made = rec.kube.create(obj)
-            except ApiException as error:
-                if error.status != 409:
-                    raise
-                return plain["get_or_create"](rec, obj, uid, create=False)
-            if obj["kind"] == "Job":
-                local.created_job = made
-                with self.lock:
-                    key = (obj["metadata"]["namespace"], handlers.owner_name(made) or "")
-                    self.created[key] = made["metadata"]["resourceVersion"]
-            return made, None
-
-        def saw_job(ctl: Any, namespace: str, name: str, job: Any) -> None:
-            with self.lock:
-                if self.created.get((namespace, name)) == job["metadata"].get("resourceVersion"):
-                    self.skip.add((namespace, name))
-            plain["saw_job"](ctl, namespace, name, job)
-
-        def kick(ctl: Any, namespace: str, name: str, delay: float = 0.0) -> None:
-            with self.lock:
-                if delay == 0.0 and (namespace, name) in self.skip:
-                    self.skip.discard((namespace, name))
-                    return
-            plain["kick"](ctl, namespace, name, delay)
-
-        reconcile.Reconciler.reconcile = reconcile_  # type: ignore[method-assign,assignment]
-        reconcile.Reconciler._get_or_create = get_or_create  # type: ignore[method-assign,assignment]
-        kube.Kube.get, kube.Kube.list = get, list_  # type: ignore[method-assign,assignment]
-        handlers.Controller.saw_job, handlers.Controller.kick = saw_job, kick  # type: ignore[method-assign,assignment]
-
-
-def run_operator_with_fewer_requests(argv: list[str]) -> int:
-    from kubetune.cli import app
-
-    FewerRequests().install()
-    app(["operator", *argv])
-    return 0
-
-
 def main() -> int:
-    if sys.argv[1:2] == ["--operator-fewer-requests"]:
-        return run_operator_with_fewer_requests(sys.argv[2:])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -495,11 +394,6 @@ def main() -> int:
         "--repeats", type=int, default=1, help="runs per size (a fresh namespace and operator)"
     )
     parser.add_argument("--py-spy", help="path of a py-spy binary: profile the operator during the apply")
-    parser.add_argument(
-        "--fewer-requests",
-        action="store_true",
-        help="run the operator with the request-saving changes proposed in RESULTS.md patched in",
-    )
     parser.add_argument("--output", type=Path, default=HERE / "operator_scale.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -512,9 +406,7 @@ def main() -> int:
             for repeat, n in ((rep, n) for rep in range(args.repeats) for n in sizes):
                 result = {
                     "repeat": repeat,
-                    **run_size(
-                        plane, admin, n, args.rate, args.workers, work, args.py_spy, args.fewer_requests
-                    ),
+                    **run_size(plane, admin, n, args.rate, args.workers, work, args.py_spy),
                 }
                 results.append(result)
                 r = result

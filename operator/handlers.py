@@ -46,7 +46,6 @@ class Controller:
     _dirty: set[Key] = field(default_factory=set)
     _workers: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     _last_jobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    _created_jobs: dict[Key, str] = field(default_factory=dict)
     reconciliations: int = 0
 
     async def reconcile(self, namespace: str, name: str) -> Result:
@@ -56,7 +55,7 @@ class Controller:
             self.metrics.reconcile_total.inc()
             with self.metrics.reconcile_duration.time():
                 try:
-                    result = await asyncio.to_thread(
+                    return await asyncio.to_thread(
                         self.reconciler.reconcile,
                         namespace,
                         name,
@@ -65,9 +64,6 @@ class Controller:
                 except Exception:
                     self.metrics.reconcile_errors.inc()
                     raise
-            if result.created_job_version:
-                self._created_jobs[(namespace, name)] = result.created_job_version
-            return result
 
     def saw_job(self, namespace: str, name: str, job: Mapping[str, Any]) -> bool:
         """Remembers the Job; False when it is exactly as a reconciliation created it (the
@@ -75,7 +71,7 @@ class Controller:
         key = (namespace, name)
         self._last_jobs[key] = copy.deepcopy(dict(job))
         version = (job.get("metadata") or {}).get("resourceVersion")
-        return self._created_jobs.pop(key, None) != version
+        return self.reconciler.created_jobs.pop(key, None) != version
 
     def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
         key = (namespace, name)
@@ -109,7 +105,7 @@ class Controller:
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
         self._last_jobs.pop((namespace, name), None)
-        self._created_jobs.pop((namespace, name), None)
+        self.reconciler.created_jobs.pop((namespace, name), None)
 
     async def close(self) -> None:
         workers = list(self._workers.values())

@@ -37,8 +37,6 @@ EVENT_MESSAGE_LIMIT = 1024
 class Result:
     phase: str | None = None
     requeue_after: float | None = None
-    # The trainer Job as this pass created it: its own watch event then brings nothing new.
-    created_job_version: str | None = None
 
 
 class Child(NamedTuple):
@@ -71,6 +69,9 @@ class Reconciler:
         self.metrics = metrics
         self.clock = clock
         self.instance = instance or socket.gethostname()
+        # resourceVersion of each trainer Job as created here, by FineTuneJob: the watch event
+        # of the create itself brings nothing new (read by the controller, in another thread).
+        self.created_jobs: dict[tuple[str, str], str] = {}
 
     def reconcile(
         self, namespace: str, name: str, *, last_seen_job: Mapping[str, Any] | None = None
@@ -101,6 +102,8 @@ class Reconciler:
             plan.job, uid, create=conflict is None and not started, likely_missing=not started
         )
         job, conflict = trainer.obj, conflict or trainer.conflict
+        if job is not None and trainer.created:
+            self.created_jobs[(namespace, name)] = job["metadata"]["resourceVersion"]
         if job is None and not conflict and last_seen_job is not None and _owned_by(last_seen_job, uid):
             job = dict(last_seen_job)
 
@@ -131,11 +134,7 @@ class Reconciler:
             conflict=conflict,
         )
         self._write(body, status, update)
-        return Result(
-            phase=update.phase,
-            requeue_after=CONFLICT_RETRY_SECONDS if conflict else None,
-            created_job_version=job["metadata"]["resourceVersion"] if trainer.created and job else None,
-        )
+        return Result(phase=update.phase, requeue_after=CONFLICT_RETRY_SECONDS if conflict else None)
 
     def _get_or_create(
         self, obj: Mapping[str, Any], uid: str, *, create: bool = True, likely_missing: bool = False

@@ -676,7 +676,7 @@ def test_a_new_finetunejob_costs_one_request_per_object(
     result = reconciler.reconcile(ns, "frugal")
     assert result.phase == "Pending"
     job = kube.get("Job", ns, names.job)
-    assert job and result.created_job_version and job["metadata"]["uid"]
+    assert job and list(reconciler.created_jobs) == [(ns, "frugal")]
     posts = [path.split("/")[0] for method, path in recording.sent if method == "POST"]
     assert posts == ["configmaps", "serviceaccounts", "roles", "rolebindings", "jobs", "events"]
     assert recording.sent[0] == ("GET", "finetunejobs/frugal")
@@ -685,10 +685,9 @@ def test_a_new_finetunejob_costs_one_request_per_object(
     assert len(recording.sent) == 8, "GET the FineTuneJob, 5 creates, its status, one event"
 
     # Once started, a pass reads the objects, then the Job's pods; with nothing new, that is all.
-    assert reconciler.reconcile(ns, "frugal").created_job_version is None
+    reconciler.reconcile(ns, "frugal")
     recording.sent.clear()
-    again = reconciler.reconcile(ns, "frugal")
-    assert again.phase == "Pending" and again.created_job_version is None
+    assert reconciler.reconcile(ns, "frugal").phase == "Pending"
     assert {m for m, _ in recording.sent} == {"GET"}
     assert len(recording.sent) == 1 + len(KINDS) + 1
     assert_one_of_each(kube, ns, "frugal")
@@ -703,8 +702,9 @@ def test_after_a_crash_before_the_status_the_creates_find_what_exists(
     plan = planning.plan(planning.parse(created), config)
     made = {obj["kind"]: kube.create(obj)["metadata"]["uid"] for obj in plan.objects()}
     recording = RecordingKube(control_plane_api_client)
-    result = Reconciler(recording, config).reconcile(ns, "half-done")
-    assert result.phase == "Pending" and result.created_job_version is None
+    reconciler = Reconciler(recording, config)
+    assert reconciler.reconcile(ns, "half-done").phase == "Pending"
+    assert reconciler.created_jobs == {}
     kids = assert_one_of_each(kube, ns, "half-done")
     assert {kind: kids[kind]["metadata"]["uid"] for kind in KINDS} == made
     assert [m for m, p in recording.sent if p.startswith("pods")] == ["GET"], "the Job's pods are listed"
