@@ -118,10 +118,11 @@ def summary(ctx: RunContext, console: Console) -> None:
         table.add_row(key, _cell(ctx.before.get(key)), _cell(ctx.after.get(key)))
     console.print(table)
     console.print(f"artifacts: {ctx.output}", markup=False, highlight=False)
-    for path in sorted(p for p in ctx.staging.iterdir()):
-        console.print(
-            f"  {ctx.output.join(path.name)}{'/' if path.is_dir() else ''}", markup=False, highlight=False
-        )
+    from kubetune.trainer.artifacts import MANIFEST
+
+    entries = sorted((p.name, "/" if p.is_dir() else "") for p in ctx.staging.iterdir())
+    for name, note in [*entries, (MANIFEST, "  (every file, with its size and SHA-256)")]:
+        console.print(f"  {ctx.output.join(name)}{note}", markup=False, highlight=False)
 
 
 def _cell(value: float | None) -> str:

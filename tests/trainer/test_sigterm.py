@@ -57,6 +57,7 @@ def test_sigterm_saves_a_checkpoint_that_the_next_attempt_resumes(tmp_path: Path
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resuming from checkpoint step {step}" in second.stdout
+    assert f"{out / 'manifest.json'}  (every file" in second.stdout, "the summary names the manifest"
     metrics = json.loads((out / "metrics.json").read_text())
     steps = [h["step"] for h in metrics["history"] if "loss" in h]
     assert steps == sorted(set(steps)) and steps[-1] == 400
