@@ -60,6 +60,17 @@ def final_stage(path: Path) -> list[Instruction]:
     return [i for i in found if i.stage == last]
 
 
+def base_image(path: Path) -> str:
+    """The final stage's base image, build arguments replaced by their defaults."""
+    defaults: dict[str, str] = {}
+    for instruction in instructions(path):
+        if instruction.keyword == "ARG" and instruction.stage == -1 and "=" in instruction.arguments:
+            name, _, value = instruction.arguments.partition("=")
+            defaults[name] = value
+    image = final_stage(path)[0].arguments
+    return re.sub(r"\$\{(\w+)\}", lambda match: defaults[match.group(1)], image)
+
+
 def install_commands(path: Path) -> list[list[str]]:
     """Every `pip install`, `uv pip install` and `uv sync` command of the RUN instructions."""
     commands = []
@@ -106,6 +117,8 @@ def test_instructions_are_read_correctly(tmp_path: Path) -> None:
     assert project_extras(dockerfile) == {"operator", "trainer"}
     assert [(i.keyword, i.stage) for i in final_stage(dockerfile)] == [("FROM", 1), ("RUN", 1), ("USER", 1)]
     assert len(install_commands(dockerfile)) == 3
+    dockerfile.write_text("ARG BASE=python:3.11-slim\nARG UV=uv:1\nFROM ${UV} AS uv\nFROM ${BASE}\n")
+    assert base_image(dockerfile) == "python:3.11-slim"
 
 
 def pyproject() -> dict[str, object]:
@@ -177,7 +190,7 @@ def test_the_operator_extra_is_what_the_lock_resolves() -> None:
 def test_the_operator_image() -> None:
     path = ROOT / "Dockerfile.operator"
     stage = final_stage(path)
-    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", stage[0].arguments)
+    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base_image(path))
     assert ("USER", "1000:1000") in [(i.keyword, i.arguments) for i in stage]
     entrypoint = [i.arguments for i in stage if i.keyword == "ENTRYPOINT"]
     assert entrypoint == ['["kubetune"]'], "the chart passes `operator ...` as args"
@@ -200,7 +213,7 @@ def test_the_trainer_image_matches_the_pod_the_operator_plans() -> None:
         assert f"{name}={pod_env[name]}" in env, f"{name} differs from the pod's"
     assert pod_env["HF_HOME"].startswith(planning.SCRATCH_DIR + "/")
     assert "KUBETUNE_METRICS_PORT=9400" in env
-    base = stage[0].arguments
+    base = base_image(path)
     assert "cuda" in base.lower() or "pytorch" in base.lower()
 
 
