@@ -1,4 +1,6 @@
-"""Test tokenizers built here (no hub access): byte-level BPE, with and without a chat template."""
+"""Test tokenizers built here (no hub access): byte-level BPE, with and without a chat template, and
+a SentencePiece-style (Metaspace) BPE without ChatML tokens or a chat template, as Llama-2 and
+Mistral base models have."""
 
 from __future__ import annotations
 
@@ -63,6 +65,43 @@ def build_tokenizer(*, chat_template: str | None = None, vocab_size: int = 700) 
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast
+
+
+def build_metaspace_tokenizer(vocab_size: int = 900) -> PreTrainedTokenizerFast:
+    """Llama-2 / Mistral style: spaces become ``▁``, one ``▁`` is prepended to the text; no ChatML."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    texts = list(corpus())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=sorted(set("".join(texts) + WORDS_TEXT.upper() + ALPHABET)),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# Characters of the test rows that the corpus lacks: the Metaspace tokenizer has no byte fallback.
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:;?!-_'\"\n()[]{}<>|/\u0301éï"
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style BPE (Metaspace pre-tokenizer) with BOS/EOS, no ChatML tokens, no chat template."""
+    return build_metaspace_tokenizer()
 
 
 @pytest.fixture(scope="session")

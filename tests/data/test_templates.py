@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from kubetune import api
 from kubetune.trainer.data import (
+    IGNORE_INDEX,
     DataError,
     EvalPair,
     Segment,
@@ -16,8 +18,9 @@ from kubetune.trainer.data import (
     parse_row,
     resolve_template,
     to_segments,
+    tokenize_example,
 )
-from kubetune.trainer.data.templates import ALPACA_PREAMBLE, ALPACA_PREAMBLE_WITH_INPUT
+from kubetune.trainer.data.templates import ALPACA_PREAMBLE, ALPACA_PREAMBLE_WITH_INPUT, ChatTemplate
 
 F, T = False, True
 
@@ -224,3 +227,50 @@ def test_eval_pairs_are_the_rendered_prompt_and_the_reference(chat_tokenizer: An
     pc = parse_row({"prompt": "Q: 2+2\nA:", "completion": " 4"}, api.DatasetFormat.AUTO)
     assert eval_pair(pc, resolve_template("auto", "prompt-completion")) == EvalPair("Q: 2+2\nA:", " 4")
     assert eval_pair(parse_row({"text": "t"}, api.DatasetFormat.TEXT), model) is None
+
+
+def test_chatml_fallback_ends_turns_with_eos_when_the_tokenizer_lacks_chatml_tokens(
+    metaspace_tokenizer: Any,
+) -> None:
+    """Without ``<|im_start|>``/``<|im_end|>`` tokens they would be plain text, kept in predictions."""
+    tok = metaspace_tokenizer
+    for name in ("auto", "chatml"):
+        template = resolve_template(name, "chat", tok)
+        assert template.name == "chatml-eos"
+        assert segments(OPENAI, name, tokenizer=tok) == [
+            Segment("system\nBe brief.</s>user\nCapital of France?</s>assistant\n", F),
+            Segment("Paris</s>", T),
+            Segment("user\nAnd Japan?</s>assistant\n", F),
+            Segment("東京</s>", T),
+        ]
+    sample = parse_row(OPENAI, api.DatasetFormat.CHAT)
+    example = tokenize_example(to_segments(sample, resolve_template("auto", "chat", tok)), tok, 1024)
+    assert example is not None
+    assert "<|im" not in tok.decode(example.input_ids)
+    trained = [t for t in example.labels if t != IGNORE_INDEX]
+    # Each reply ends with the EOS the model already stops generating at; decoded, nothing is left.
+    assert trained.count(tok.eos_token_id) == 2 and trained[-1] == tok.eos_token_id
+    assert tok.decode(trained, skip_special_tokens=True) == "Paris東京"
+
+
+def test_a_tokenizer_with_chatml_tokens_keeps_chatml(plain_tokenizer: Any) -> None:
+    assert resolve_template("auto", "chat", plain_tokenizer).name == "chatml"
+    assert segments(OPENAI, "chatml", tokenizer=plain_tokenizer) == CHATML_SEGMENTS
+
+
+@pytest.mark.parametrize("tokenizer_name", ["plain_tokenizer", "metaspace_tokenizer"])
+def test_fallback_chat_template_as_jinja_renders_the_training_text(
+    tokenizer_name: str, request: pytest.FixtureRequest
+) -> None:
+    """The artifacts' tokenizer carries the fallback as its chat template: it must render the same text."""
+    tok = copy.deepcopy(request.getfixturevalue(tokenizer_name))
+    template = resolve_template("auto", "chat", tok)
+    assert isinstance(template, ChatTemplate) and template.chat_template is not None
+    tok.chat_template = template.chat_template
+    turns = [{"role": m["role"], "content": m["content"]} for m in OPENAI["messages"][:5]]
+    model = resolve_template("model", "chat", tok)
+    sample = parse_row({"messages": turns}, api.DatasetFormat.CHAT)
+    assert to_segments(sample, model) == to_segments(sample, template)
+    assert tok.apply_chat_template(turns[:4], tokenize=False, add_generation_prompt=True) == "".join(
+        s.text for s in to_segments(sample, template)[:3]
+    )

@@ -1,10 +1,19 @@
 """Templates: a sample becomes text segments, each trained (carries loss) or not.
 
 ``auto`` uses the model's own chat template when its tokenizer has one, else a fallback per
-format: ChatML for chat, Alpaca for instruction. Prompt-completion rows carry their own prompt
-format (``"Q: ...\nA:"`` + ``" 42"``), so ``auto`` keeps them as written (``none``), as TRL does for
-non-conversational data; ``template: model`` or ``chatml`` wraps them as one user/assistant
-exchange instead. Text rows are never templated.
+format: ChatML for chat, Alpaca for instruction. ChatML needs its ``<|im_start|>``/``<|im_end|>``
+markers to be special tokens of the tokenizer; where they are not (Llama-2 and Mistral base
+tokenizers), written as text they would be learnt and generated as text, and generation would
+not stop at them. There the fallback is ``chatml-eos``: a role line opens each turn and the
+tokenizer's own EOS ends it, which the model already has an embedding for and generation stops
+at. (Registering the markers as new tokens was the alternative; with LoRA and QLoRA the new
+embedding and output rows would stay untrained, and the resized vocabulary would no longer fit
+the published base model.) A fallback chat template also exists as Jinja, which the prepare
+stage gives the tokenizer saved with every artifact, so the result renders chats as it learnt them.
+
+Prompt-completion rows carry their own prompt format (``"Q: ...\nA:"`` + ``" 42"``), so ``auto``
+keeps them as written (``none``), as TRL does for non-conversational data; ``template: model`` or
+``chatml`` wraps them as one user/assistant exchange instead. Text rows are never templated.
 
 A chat template renders a whole conversation, so the assistant spans are found by rendering
 prefixes: ``render(turns[:i], add_generation_prompt=True)`` is the prompt before assistant turn
@@ -111,11 +120,16 @@ class AlpacaTemplate(Template):
 
 
 class ChatTemplate(Template):
-    """A conversation template; assistant turns are split off by rendering prefixes."""
+    """A conversation template; assistant turns are split off by rendering prefixes.
 
-    def __init__(self, name: str, renderer: ChatRenderer) -> None:
+    ``chat_template`` is the same template in Jinja for the tokenizer's ``chat_template``, or
+    None when the renderer is the tokenizer's own template.
+    """
+
+    def __init__(self, name: str, renderer: ChatRenderer, chat_template: str | None = None) -> None:
         self.name = name
         self.renderer = renderer
+        self.chat_template = chat_template
 
     def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
         turns = conversation(sample)
@@ -136,9 +150,48 @@ class ChatTemplate(Template):
         return segments
 
 
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_EOS_JINJA = (
+    "{% for message in messages %}"
+    "{{ message['role'] + '\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant\n' }}{% endif %}"
+)
+
+
 def render_chatml(messages: Sequence[Message], add_generation_prompt: bool) -> str:
     text = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages)
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def eos_renderer(eos_token: str) -> ChatRenderer:
+    def render(messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        text = "".join(f"{m.role}\n{m.content}{eos_token}" for m in messages)
+        return text + ("assistant\n" if add_generation_prompt else "")
+
+    return render
+
+
+def has_chatml_tokens(tokenizer: Any) -> bool:
+    """Whether ``<|im_start|>`` and ``<|im_end|>`` are special tokens: one id each, dropped when decoded."""
+    for marker in CHATML_TOKENS:
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or tokenizer.decode(ids, skip_special_tokens=True) != "":
+            return False
+    return True
+
+
+def chatml_for(tokenizer: Any) -> ChatTemplate:
+    """ChatML where the tokenizer has its tokens (or is unknown), else turns ended by the tokenizer's EOS."""
+    if tokenizer is None or has_chatml_tokens(tokenizer) or tokenizer.eos_token is None:
+        return CHATML
+    return ChatTemplate("chatml-eos", eos_renderer(tokenizer.eos_token), CHATML_EOS_JINJA)
 
 
 def model_renderer(tokenizer: Any) -> ChatRenderer:
@@ -157,7 +210,7 @@ def model_renderer(tokenizer: Any) -> ChatRenderer:
 
 NONE = NoTemplate()
 ALPACA = AlpacaTemplate()
-CHATML = ChatTemplate("chatml", render_chatml)
+CHATML = ChatTemplate("chatml", render_chatml, CHATML_JINJA)
 FALLBACKS: dict[api.DatasetFormat, Template] = {
     api.DatasetFormat.CHAT: CHATML,
     api.DatasetFormat.INSTRUCTION: ALPACA,
@@ -174,14 +227,16 @@ def resolve_template(name: str, fmt: api.DatasetFormat | str, tokenizer: Any = N
     if name == "auto":
         if fmt == api.DatasetFormat.PROMPT_COMPLETION:
             return NONE
-        return ChatTemplate("model", model_renderer(tokenizer)) if has_own else FALLBACKS[fmt]
+        if has_own:
+            return ChatTemplate("model", model_renderer(tokenizer))
+        return chatml_for(tokenizer) if fmt == api.DatasetFormat.CHAT else FALLBACKS[fmt]
     if name == "model":
         if not has_own:
             raise DataError(
                 "template model: the model's tokenizer has no chat template (use chatml or alpaca)"
             )
         return ChatTemplate("model", model_renderer(tokenizer))
-    named: dict[str, Template] = {"chatml": CHATML, "alpaca": ALPACA, "none": NONE}
+    named: dict[str, Template] = {"chatml": chatml_for(tokenizer), "alpaca": ALPACA, "none": NONE}
     if name not in named:
         raise DataError(f"unknown template {name!r} (expected auto, model, chatml, alpaca or none)")
     return named[name]
