@@ -24,6 +24,8 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
+# training.gradientCheckpointing unset: on for models with at least this many base parameters.
+CHECKPOINTING_FROM_PARAMETERS = 1_000_000_000
 
 # An HF-style id: `name` or `org/name`, letters, digits and `-_.`; never free text.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
@@ -164,15 +166,57 @@ class Training(Model):
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation: int = Field(1, ge=1, le=4096)
     max_seq_length: int = Field(1024, ge=16, le=1048576, description="Longer rows are truncated.")
-    packing: bool = Field(False, description="Pack examples into full rows (no cross-attention).")
-    gradient_checkpointing: bool = False
+    packing: bool = Field(
+        False,
+        description=(
+            "Pack examples into full rows of maxSeqLength (no cross-attention; changes how many "
+            "examples make a step). Off: each batch keeps its examples, flattened into one row "
+            "without padding where the attention implementation isolates them, else padded."
+        ),
+    )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass. Unset: on from 1B base parameters.",
+    )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Data parallelism over several processes: ddp replicates the model, fsdp shards "
+        "weights, gradients and optimizer states; auto is fsdp for full fine-tuning with more than "
+        "one process, else ddp.",
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 where the hardware has it, else fp32."
+        "auto",
+        description=(
+            "auto: bf16 on GPUs that have it and as autocast on CPUs with AVX512-BF16 or AMX-BF16, "
+            "else fp32. bf16 is honoured on any CPU; fp16 needs a GPU."
+        ),
+    )
+    attention: Literal[
+        "auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
+    ] = Field(
+        "auto",
+        description=(
+            "Attention implementation. auto: flash_attention_2 on a GPU where flash-attn is "
+            "installed, else the model's default (sdpa where it has it)."
+        ),
+    )
+    liger: bool | None = Field(
+        None,
+        description=(
+            "Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU). Unset: on with a CUDA "
+            "GPU for model types liger-kernel supports; true is refused where they cannot run."
+        ),
     )
     seed: int = Field(42, ge=0, le=2**32 - 1)
     eval_every: int | None = Field(None, ge=1, description="Steps between validation passes.")
     early_stopping: EarlyStopping | None = None
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
+
+    def resolved_gradient_checkpointing(self, base_parameters: int) -> bool:
+        """Unset means on from CHECKPOINTING_FROM_PARAMETERS: activations then dominate memory."""
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return base_parameters >= CHECKPOINTING_FROM_PARAMETERS
 
 
 class EvalMetric(StrEnum):
@@ -215,6 +259,11 @@ class Resources(Model):
     nodes: int = Field(1, ge=1, le=1024)
     cpu: Quantity | None = None
     memory: Quantity | None = None
+    gpu_memory: Quantity = Field(
+        "80Gi",
+        description="Memory of one GPU: the memory plan (kubetune plan, the MemoryPlan condition) "
+        "checks the job against it.",
+    )
 
 
 class Toleration(Model):

@@ -1,0 +1,541 @@
+"""The memory plan: what one GPU needs to run a FineTuneJob, before any GPU is held.
+
+Pure arithmetic over the model's architecture (its ``config.json``, or a built-in table of the
+common families when offline) and the spec. The figures follow what the trainer does:
+
+- full fine-tuning keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments
+  (16 bytes a parameter); under autocast each weight also gets a 16-bit copy for the forward;
+- LoRA keeps the frozen base in the compute dtype; peft keeps adapters in fp32;
+- QLoRA stores linear layers in 4 bits (NF4 with double quantization: 4.127 bits a parameter);
+  peft's k-bit preparation casts the rest (embeddings, head, norms) to fp32;
+- FSDP shards parameters, gradients and optimizer states over every process, dimension 0 of
+  each tensor cut as FSDP2 cuts it (the first rank holds the ceiling), and gathers one
+  transformer block (plus one prefetched) at a time in the compute dtype;
+- activations: each decoder layer keeps its inputs, the attention and MLP intermediates; with
+  gradient checkpointing only each layer's input plus one layer recomputed; the loss upcasts
+  logits to fp32 (transformers' cross entropy), the largest single term for big vocabularies.
+
+No torch import here: the operator and ``kubetune validate`` use this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from kubetune import api
+
+GIB = 1024**3
+DEFAULT_GPU_MEMORY = "80Gi"
+CUDA_OVERHEAD = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator slack
+# 4-bit codes; an 8-bit absmax per 64 weights and an fp32 constant per 256 blocks (double quantization).
+NF4_DOUBLE_QUANT_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+NF4_BYTES = (4 + 32 / 64) / 8  # fp32 absmax per 64
+INT8_BYTES = 1 + 4 / 4096  # int8 codes and a row statistic (LLM.int8)
+
+Strategy = Literal["ddp", "fsdp"]
+
+_SUFFIXES: dict[str, float] = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 10**-3,
+}  # fmt: skip
+
+
+def parse_quantity(value: str) -> int:
+    """A Kubernetes quantity (``80Gi``, ``40G``, ``500m``) in bytes."""
+    match = re.fullmatch(api.QUANTITY_PATTERN, value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 80Gi")
+    number = value.rstrip("".join(_SUFFIXES))
+    suffix = value[len(number) :]
+    return int(float(number) * _SUFFIXES.get(suffix, 1))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    source: str = ""  # where the figures came from
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str) -> Architecture:
+        """From a Hugging Face ``config.json``; a missing field is named in the error."""
+        text = config.get("text_config") or config
+
+        def need(key: str) -> int:
+            if key not in text:
+                raise ValueError(f"{source}: config.json has no {key!r}; the memory plan needs it")
+            return int(text[key])
+
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        return cls(
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=int(text.get("num_key_value_heads") or heads),
+            head_dim=int(text.get("head_dim") or hidden // heads),
+            tie_embeddings=bool(text.get("tie_word_embeddings", False)),
+            qkv_bias=bool(text.get("attention_bias", False)) or text.get("model_type") == "qwen2",
+            source=source,
+        )
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def block_linears(self) -> dict[str, tuple[int, int]]:
+        """Each linear layer of one decoder block: (in_features, out_features)."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.kv_dim, self.intermediate_size
+        return {
+            "self_attn.q_proj": (h, q),
+            "self_attn.k_proj": (h, kv),
+            "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (q, h),
+            "mlp.gate_proj": (h, i),
+            "mlp.up_proj": (h, i),
+            "mlp.down_proj": (i, h),
+        }
+
+    def block_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """The parameters of one decoder block, named as transformers names them."""
+        for name, (fan_in, fan_out) in self.block_linears().items():
+            yield f"{name}.weight", (fan_out, fan_in)
+            if self.qkv_bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                yield f"{name}.bias", (fan_out,)
+        yield "input_layernorm.weight", (self.hidden_size,)
+        yield "post_attention_layernorm.weight", (self.hidden_size,)
+
+    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """Every parameter of the causal LM, in transformers' names (``model.layers.N...``)."""
+        yield "model.embed_tokens.weight", (self.vocab_size, self.hidden_size)
+        for layer in range(self.num_layers):
+            for name, shape in self.block_shapes():
+                yield f"model.layers.{layer}.{name}", shape
+        yield "model.norm.weight", (self.hidden_size,)
+        if not self.tie_embeddings:
+            yield "lm_head.weight", (self.vocab_size, self.hidden_size)
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.shapes())
+
+    @property
+    def block_parameters(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.block_shapes())
+
+    @property
+    def linear_parameters(self) -> int:
+        """Parameters in the decoder blocks' linear weights: what bitsandbytes quantizes."""
+        return self.num_layers * sum(a * b for a, b in self.block_linears().values())
+
+
+def _llama(v: int, h: int, i: int, layers: int, heads: int, kv: int, **kw: Any) -> Architecture:
+    return Architecture(v, h, i, layers, heads, kv, kw.pop("head_dim", h // heads), **kw)
+
+
+# From each model's config.json on the Hugging Face hub; instruct variants share the base's.
+FAMILIES: dict[str, Architecture] = {
+    "meta-llama/Llama-3.1-8B": _llama(128256, 4096, 14336, 32, 32, 8),
+    "meta-llama/Llama-3.1-70B": _llama(128256, 8192, 28672, 80, 64, 8),
+    "meta-llama/Llama-3.1-405B": _llama(128256, 16384, 53248, 126, 128, 8),
+    "meta-llama/Llama-3.2-1B": _llama(128256, 2048, 8192, 16, 32, 8, head_dim=64, tie_embeddings=True),
+    "meta-llama/Llama-3.2-3B": _llama(128256, 3072, 8192, 28, 24, 8, head_dim=128, tie_embeddings=True),
+    "meta-llama/Llama-2-7b-hf": _llama(32000, 4096, 11008, 32, 32, 32),
+    "meta-llama/Llama-2-13b-hf": _llama(32000, 5120, 13824, 40, 40, 40),
+    "meta-llama/Llama-2-70b-hf": _llama(32000, 8192, 28672, 80, 64, 8),
+    "huggyllama/llama-65b": _llama(32000, 8192, 22016, 80, 64, 64),
+    "mistralai/Mistral-7B-v0.1": _llama(32000, 4096, 14336, 32, 32, 8),
+    "mistralai/Mistral-7B-v0.3": _llama(32768, 4096, 14336, 32, 32, 8),
+    "Qwen/Qwen2.5-0.5B": _llama(151936, 896, 4864, 24, 14, 2, tie_embeddings=True, qkv_bias=True),
+    "Qwen/Qwen2.5-1.5B": _llama(151936, 1536, 8960, 28, 12, 2, tie_embeddings=True, qkv_bias=True),
+    "Qwen/Qwen2.5-3B": _llama(151936, 2048, 11008, 36, 16, 2, tie_embeddings=True, qkv_bias=True),
+    "Qwen/Qwen2.5-7B": _llama(152064, 3584, 18944, 28, 28, 4, qkv_bias=True),
+    "Qwen/Qwen2.5-14B": _llama(152064, 5120, 13824, 48, 40, 8, qkv_bias=True),
+    "Qwen/Qwen2.5-32B": _llama(152064, 5120, 27648, 64, 40, 8, qkv_bias=True),
+    "Qwen/Qwen2.5-72B": _llama(152064, 8192, 29568, 80, 64, 8, qkv_bias=True),
+}
+_ALIASES = {"meta-llama/Meta-Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+            "meta-llama/Meta-Llama-3.1-70B": "meta-llama/Llama-3.1-70B"}  # fmt: skip
+
+
+def family(name: str) -> Architecture | None:
+    """The built-in architecture of a hub id (instruct and chat variants included)."""
+    base = re.sub(r"-(Instruct|instruct|chat|Chat|it)(-[0-9]+)?$", "", name)
+    base = _ALIASES.get(base, base)
+    found = FAMILIES.get(base) or next((a for k, a in FAMILIES.items() if k.lower() == base.lower()), None)
+    return replace(found, source=f"built-in table ({base})") if found else None
+
+
+def architecture(
+    spec: api.FineTuneJobSpec, *, config_path: Path | None = None, store: Any = None
+) -> Architecture:
+    """The model's architecture: an explicit config.json, the model's own, a preset or the table."""
+    if config_path is not None:
+        return _from_file(config_path)
+    model = spec.model
+    if model.uri is not None and not model.uri.startswith("s3://"):
+        path = Path(model.uri.removeprefix("file://")) / "config.json"
+        if path.exists():
+            return _from_file(path)
+    if model.uri is not None and model.uri.startswith("s3://") and store is not None:
+        uri = model.uri.rstrip("/") + "/config.json"
+        try:
+            return Architecture.from_config(store.read_json(uri), uri)
+        except Exception as error:  # unreachable storage: fall back to the table, and say so
+            if model.name is None or family(model.name) is None:
+                raise ValueError(f"spec.model.uri: cannot read {uri}: {error}") from error
+    if model.name is not None:
+        from kubetune.trainer import presets  # stdlib only at import time
+
+        if presets.is_preset(model.name):
+            config = {**presets.PRESETS[model.name], "tie_word_embeddings": False}
+            return Architecture.from_config(config, f"preset {model.name}")
+        found = family(model.name)
+        if found is not None:
+            return found
+    where = model.name or model.uri
+    raise ValueError(
+        f"spec.model: no architecture for {where}: not in the built-in table "
+        f"({', '.join(FAMILIES)}); give its config.json with --config or a local spec.model.uri"
+    )
+
+
+def _from_file(path: Path) -> Architecture:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: {error}") from error
+    return Architecture.from_config(config, str(path))
+
+
+def processes(spec: api.FineTuneJobSpec) -> int:
+    return max(spec.resources.gpus, 1) * spec.resources.nodes
+
+
+def resolve_strategy(spec: api.FineTuneJobSpec) -> Strategy:
+    """auto: FSDP for full fine-tuning with more than one process, DDP otherwise."""
+    chosen = spec.training.strategy
+    if chosen != "auto":
+        return "fsdp" if chosen == "fsdp" else "ddp"
+    return "fsdp" if spec.method == api.Method.FULL and processes(spec) > 1 else "ddp"
+
+
+def adapter_parameters(arch: Architecture, lora: api.Lora) -> int:
+    """LoRA parameters: r * (in + out) for every adapted linear layer of every block."""
+    linears = arch.block_linears()
+    targets = lora.target_modules
+    chosen = [
+        shape for name, shape in linears.items()
+        if targets == ["all-linear"] or name.split(".")[-1] in targets or name in targets
+    ]  # fmt: skip
+    return arch.num_layers * sum(lora.r * (a + b) for a, b in chosen)
+
+
+def sharded(shapes: Iterator[tuple[str, tuple[int, ...]]], ranks: int) -> int:
+    """Elements the first rank holds when each tensor's dimension 0 is cut in ``ranks`` (FSDP2)."""
+    total = 0
+    for _, shape in shapes:
+        rest = math.prod(shape[1:])
+        total += math.ceil(shape[0] / ranks) * rest
+    return total
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-GPU memory of a FineTuneJob: the training step's parts and the later stages' peaks."""
+
+    model: str
+    architecture: Architecture
+    method: str
+    strategy: Strategy
+    processes: int
+    on_gpu: bool
+    budget: int  # bytes of one GPU (spec.resources.gpuMemory), or of the pod on the CPU
+    parts: tuple[Part, ...]
+    stages: tuple[Part, ...]
+    suggestions: tuple[str, ...] = ()
+
+    @property
+    def training(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+    @property
+    def peak(self) -> int:
+        return max([self.training, *(s.bytes for s in self.stages)])
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def part(self, name: str) -> int:
+        return next(p.bytes for p in self.parts if p.name == name)
+
+    def verdict(self) -> str:
+        where = f"{self.processes} process(es), {self.strategy}"
+        unit = "GPU" if self.on_gpu else "process (CPU)"
+        head = (
+            f"{self.model} {self.method}: {gib(self.peak)} per {unit} of {gib(self.budget)} "
+            f"({where}): {'fits' if self.fits else 'does not fit'}"
+        )
+        if self.fits or not self.suggestions:
+            return head
+        return f"{head}; would fit with: {'; '.join(self.suggestions)}"
+
+    def table(self) -> str:
+        arch = self.architecture
+        lines = [
+            f"model      {self.model}: {arch.parameters / 1e9:.2f}B parameters "
+            f"({arch.num_layers} layers, hidden {arch.hidden_size}, vocabulary {arch.vocab_size}; "
+            f"from {arch.source})",
+            f"method     {self.method}, strategy {self.strategy}, {self.processes} process(es)",
+            "training step, per " + ("GPU" if self.on_gpu else "process"),
+        ]
+        lines += [f"  {p.name:<26}{gib(p.bytes):>12}  {p.note}".rstrip() for p in self.parts]
+        lines.append(f"  {'total':<26}{gib(self.training):>12}")
+        for stage in self.stages:
+            lines.append(f"{stage.name:<28}{gib(stage.bytes):>12}  {stage.note}".rstrip())
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "parameters": self.architecture.parameters,
+            "method": self.method,
+            "strategy": self.strategy,
+            "processes": self.processes,
+            "budget_bytes": self.budget,
+            "parts": {p.name: p.bytes for p in self.parts},
+            "training_bytes": self.training,
+            "stages": {s.name: s.bytes for s in self.stages},
+            "peak_bytes": self.peak,
+            "fits": self.fits,
+            "suggestions": list(self.suggestions),
+        }
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:,.1f} GiB"
+
+
+def estimate(
+    spec: api.FineTuneJobSpec, arch: Architecture, *, model: str | None = None, suggest: bool = True
+) -> Plan:
+    """The memory plan of ``spec`` on ``arch`` (pure)."""
+    t = spec.training
+    on_gpu = spec.resources.gpus > 0
+    # The trainer computes in bf16/fp16 on GPUs unless fp32 is asked for, always fp32 on the CPU.
+    c = 2 if on_gpu and t.precision != "fp32" else 4
+    n = processes(spec)
+    strategy = resolve_strategy(spec)
+    ranks = n if strategy == "fsdp" else 1
+    method = api.Method(spec.method)
+    total = arch.parameters
+    shards = sharded(arch.shapes(), ranks)  # elements of every parameter on one rank
+    block = arch.block_parameters
+    parts: list[Part] = []
+    lora_params = 0
+    if method == api.Method.FULL:
+        parts += [
+            Part("weights", 4 * shards, "fp32 master copy" + (f", 1/{ranks} each" if ranks > 1 else "")),
+            Part("gradients", 4 * shards, "fp32"),
+            Part("optimizer states", 8 * shards, "AdamW: two fp32 moments"),
+        ]
+        if ranks > 1:
+            # The block being computed and the next one (prefetch), and one block's full gradient.
+            parts.append(Part("gathered blocks", 2 * c * block + 4 * block, "unsharded for compute"))
+        elif c == 2:
+            parts.append(Part("16-bit weight copies", 2 * total, "autocast's casts, kept for backward"))
+    else:
+        lora_params = adapter_parameters(arch, spec.lora)
+        if method == api.Method.QLORA:
+            quant = spec.resolved_quantization() or api.Quantization()
+            per = (
+                INT8_BYTES if quant.bits == 8 else NF4_DOUBLE_QUANT_BYTES if quant.double_quant else NF4_BYTES
+            )
+            linear = arch.linear_parameters
+            base = int(per * linear / ranks) + 4 * (shards - linear // ranks)
+            note = f"{quant.bits}-bit linear layers, the rest fp32 (k-bit preparation)"
+        else:
+            base = c * shards
+            note = "frozen, " + ("bf16/fp16" if c == 2 else "fp32")
+        if ranks > 1:
+            note += f", 1/{ranks} each; one block gathered"
+            base += 2 * c * block
+        parts += [
+            Part("weights", base, note),
+            Part(
+                "adapter",
+                16 * lora_params // ranks,
+                f"{lora_params / 1e6:,.1f}M fp32 params, gradients, AdamW",
+            ),
+        ]
+        extra = [m for m in spec.lora.modules_to_save if m in ("embed_tokens", "lm_head")]
+        if extra:
+            full = len(extra) * arch.vocab_size * arch.hidden_size
+            parts.append(Part("modules to save", 16 * full // ranks, ", ".join(extra) + " trained in full"))
+    parts += _activations(
+        spec, arch, c=c, residual=4 if method == api.Method.FULL else c, lora=lora_params > 0
+    )
+    if on_gpu:
+        parts.append(Part("runtime", CUDA_OVERHEAD, "CUDA context, workspaces"))
+    stages = _stages(spec, arch, c=c)
+    budget = parse_quantity(spec.resources.gpu_memory) if on_gpu else _cpu_budget(spec)
+    plan = Plan(
+        model=model or spec.model.name or spec.model.uri or "model",
+        architecture=arch,
+        method=method.value,
+        strategy=strategy,
+        processes=n,
+        on_gpu=on_gpu,
+        budget=budget,
+        parts=tuple(parts),
+        stages=tuple(stages),
+    )
+    if suggest and not plan.fits:
+        plan = replace(plan, suggestions=tuple(_suggestions(spec, arch, plan)))
+    return plan
+
+
+def _activations(
+    spec: api.FineTuneJobSpec, arch: Architecture, *, c: int, residual: int, lora: bool
+) -> list[Part]:
+    t = spec.training
+    tokens = t.batch_size * t.max_seq_length
+    h, i, kv = arch.hidden_size, arch.intermediate_size, arch.kv_dim
+    q = arch.num_heads * arch.head_dim
+    # Saved for backward in one decoder layer, per token: both norms' inputs and fp32 internals,
+    # the norm outputs, q/k/v and their rotated copies, the attention output, and the MLP's
+    # gate, up, activation and product.
+    layer = 2 * h * residual + 2 * h * 4 + 2 * h * c + (2 * q + 3 * kv) * c + q * c + 4 * i * c
+    if lora and spec.lora.dropout > 0:
+        # peft applies dropout to each adapted layer's input: one copy and a mask per layer.
+        linears = arch.block_linears()
+        adapted = [a for name, (a, _) in linears.items() if spec.lora.target_modules == ["all-linear"]
+                   or name.split(".")[-1] in spec.lora.target_modules]  # fmt: skip
+        layer += sum(a * (c + 1) for a in adapted)
+    if t.gradient_checkpointing:
+        # Each layer's input; one layer recomputed at a time, and its gradients.
+        kept = arch.num_layers * h * residual + 2 * layer
+        note = f"gradient checkpointing, {t.batch_size} x {t.max_seq_length} tokens"
+    else:
+        kept = arch.num_layers * layer + layer
+        note = f"{t.batch_size} x {t.max_seq_length} tokens, no checkpointing"
+    # Logits in the compute dtype, upcast to fp32 for the loss, log-softmax and its gradient.
+    logits = arch.vocab_size * (max(c + 8, 12))
+    return [
+        Part("activations", tokens * kept, note),
+        Part("logits and loss", tokens * logits, f"vocabulary {arch.vocab_size}, fp32 loss"),
+    ]
+
+
+def _stages(spec: api.FineTuneJobSpec, arch: Architecture, *, c: int) -> list[Part]:
+    out: list[Part] = []
+    largest_tensor = arch.vocab_size * arch.hidden_size
+    if spec.method != api.Method.FULL and spec.export.merge:
+        # Shard by shard on the host, no GPU; the largest tensor in fp32 (read, delta, result).
+        widest = max(a * b for a, b in arch.block_linears().values())
+        host = 3 * 4 * widest + 4 * adapter_parameters(arch, spec.lora)
+        out.append(
+            Part("merge", 0, f"on the CPU, shard by shard: one shard plus about {gib(host)} of host memory")
+        )
+    for name in spec.export.quantize:
+        per = 1.0 if name == "bnb-8bit" else NF4_DOUBLE_QUANT_BYTES
+        weights = int(per * arch.linear_parameters) + c * (arch.parameters - arch.linear_parameters)
+        out.append(
+            Part(f"quantize {name}", weights + c * largest_tensor, "quantized as loaded, tensor by tensor")
+        )
+    return out
+
+
+def _cpu_budget(spec: api.FineTuneJobSpec) -> int:
+    if spec.resources.memory is not None:
+        return parse_quantity(spec.resources.memory) // max(spec.resources.nodes, 1)
+    return 2**62  # no limit set: nothing to compare with
+
+
+def _suggestions(spec: api.FineTuneJobSpec, arch: Architecture, plan: Plan) -> list[str]:
+    """Changes to the spec that make it fit, each checked by the same estimate."""
+
+    def fits(**changes: Any) -> bool:
+        data = spec.model_dump()
+        for path, value in changes.items():
+            node = data
+            *parents, last = path.split("__")
+            for key in parents:
+                node = node[key]
+            node[last] = value
+        candidate = api.FineTuneJobSpec.model_validate(data)
+        return estimate(candidate, arch, suggest=False).fits
+
+    out = []
+    t, r = spec.training, spec.resources
+    if plan.strategy == "ddp" and processes(spec) > 1 and fits(training__strategy="fsdp"):
+        out.append("training.strategy: fsdp")
+    if spec.resources.gpus > 0:
+        for gpus in (2, 4, 8):
+            if gpus > r.gpus and fits(resources__gpus=gpus, training__strategy="fsdp"):
+                out.append(f"resources.gpus: {gpus} with training.strategy: fsdp")
+                break
+        else:
+            for nodes in (2, 4, 8, 16):
+                if nodes > r.nodes and fits(
+                    resources__gpus=8, resources__nodes=nodes, training__strategy="fsdp"
+                ):
+                    out.append(f"resources.nodes: {nodes} of 8 GPUs with training.strategy: fsdp")
+                    break
+    if spec.method != api.Method.QLORA and fits(method="qlora", quantization=None):
+        out.append("method: qlora")
+    if not t.gradient_checkpointing and fits(training__gradient_checkpointing=True):
+        out.append("training.gradientCheckpointing: true")
+    keep = "raise gradientAccumulation to keep the effective batch"
+    batch = _largest_batch(t.batch_size, lambda b: fits(training__batch_size=b))
+    if batch:
+        out.append(f"training.batchSize: {batch} ({keep})")
+    elif not t.gradient_checkpointing:
+        batch = _largest_batch(
+            t.batch_size, lambda b: fits(training__batch_size=b, training__gradient_checkpointing=True)
+        )
+        if batch:
+            out.append(f"training.gradientCheckpointing: true with training.batchSize: {batch} ({keep})")
+    if not out:
+        out.append("nothing tried fits: a shorter training.maxSeqLength, or GPUs with more memory")
+    return out
+
+
+def _largest_batch(batch: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest power-of-two fraction of ``batch`` below it that fits, if any."""
+    batch //= 2
+    while batch >= 1 and not fits(batch):
+        batch //= 2
+    return batch or None
+
+
+def plan_job(
+    spec: api.FineTuneJobSpec, *, config_path: Path | None = None, store: Any = None, model: str | None = None
+) -> Plan:
+    return estimate(spec, architecture(spec, config_path=config_path, store=store), model=model)
