@@ -13,7 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from kubetune import api
-from kubetune.trainer.data import IGNORE_INDEX, DataError, EvalPair, LengthStats, prepare
+from kubetune.trainer.data import (
+    IGNORE_INDEX,
+    DataError,
+    EvalPair,
+    LengthStats,
+    Segment,
+    prepare,
+    tokenize_example,
+)
 
 PC_ROWS = [{"prompt": f"question {i}:", "completion": f" answer {i}"} for i in range(20)]
 SAME_AS_PC: dict[str, list[dict[str, Any]]] = {
@@ -255,3 +263,24 @@ def test_builtin_source_through_prepare(
     dataset = api.Dataset(train="builtin:mine", validation_split=0.1)
     out = prepare(dataset, api.Training(), plain_tokenizer, seed=3, train_path="builtin:mine")
     assert len(out.train) == 18 and len(out.validation) == 2
+
+
+def test_long_text_documents_are_chunked_not_truncated(tmp_path: Path, plain_tokenizer: Any) -> None:
+    """Continued pretraining keeps every token: a document longer than max_seq_length becomes pieces."""
+    long_doc = " ".join(f"the model learns {i} numbers and names" for i in range(40))
+    rows = [{"text": long_doc}, {"text": "a short document"}]
+    out = run(plain_tokenizer, write(tmp_path / "train.jsonl", rows), max_seq_length=16)
+    full = [tokenize_example([Segment(r["text"], True)], plain_tokenizer, 10**6) for r in rows]
+    assert full[0] is not None and full[1] is not None and len(full[0]) > 10 * 16
+    assert all(len(e) <= 16 for e in out.train)
+    # every token but the document's first is a prediction target exactly once
+    assert sum(e.trained_tokens for e in out.train) == full[0].trained_tokens + full[1].trained_tokens
+    assert out.report.train.trained_tokens == len(full[0]) - 1 + len(full[1]) - 1
+    pieces = out.train[:-1]
+    assert pieces[0].input_ids[0] == plain_tokenizer.bos_token_id
+    rebuilt = pieces[0].input_ids + [t for p in pieces[1:] for t in p.input_ids[1:]]  # one token shared
+    assert rebuilt == full[0].input_ids
+    assert out.train[-1].input_ids == full[1].input_ids
+    split = out.report.train
+    assert (split.examples, split.truncated, split.dropped, split.chunked) == (len(pieces) + 1, 0, 0, 1)
+    assert "train: 1 document(s) longer than 16 tokens split into pieces" in "\n".join(out.report.lines())

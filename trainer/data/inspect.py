@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from kubetune import api
 from kubetune.trainer.data.errors import DataError
 from kubetune.trainer.data.formats import detect_format, parse_format, parse_rows, row_variant
 from kubetune.trainer.data.prepare import LengthStats, dedupe, render, truncate_split
@@ -73,12 +74,15 @@ def _inspect(
     encoded: list[Example] = []
     if tokenizer is not None:
         encoded = encode_segments(rendered, tokenizer)
-        kept, report = truncate_split(encoded, max_seq_length)
+        kept, report = truncate_split(encoded, max_seq_length, chunked=fmt == api.DatasetFormat.TEXT)
         say(f"tokens ({model} tokenizer): {_stats(report.lengths)}")
-        say(
-            f"longer than max_seq_length {max_seq_length}: {report.truncated + report.dropped} row(s), "
-            f"{report.truncated} truncated, {report.dropped} dropped (no trained token left)"
-        )
+        if report.chunked:
+            say(f"longer than max_seq_length {max_seq_length}: {report.chunked} document(s), split in pieces")
+        else:
+            say(
+                f"longer than max_seq_length {max_seq_length}: {report.truncated + report.dropped} row(s), "
+                f"{report.truncated} truncated, {report.dropped} dropped (no trained token left)"
+            )
         say(f"trained tokens: {report.trained_tokens} in {len(kept)} example(s)")
     else:
         words = [len("".join(s.text for s in segments).split()) for segments in rendered]

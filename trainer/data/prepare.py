@@ -14,7 +14,7 @@ from kubetune.trainer.data.formats import Record, detect_format, parse_rows, row
 from kubetune.trainer.data.packing import PackedRow, pack, packing_efficiency
 from kubetune.trainer.data.sources import Rows, load_rows
 from kubetune.trainer.data.templates import EvalPair, Segment, Template, eval_pair, resolve_template
-from kubetune.trainer.data.tokens import Example, encode_segments, truncate
+from kubetune.trainer.data.tokens import Example, chunk, encode_segments, truncate
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class SplitReport:
     dropped: int = 0  # nothing left to train on after truncation
     lengths: LengthStats = field(default_factory=LengthStats)  # tokens before truncation
     trained_tokens: int = 0
+    chunked: int = 0  # text documents split into pieces instead of truncated
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ class DataReport:
                 f"min {s.min} median {s.median} p95 {s.p95} max {s.max}; {split.truncated} truncated "
                 f"to {self.max_seq_length}, {split.dropped} dropped (nothing left to train on)"
             )
+            if split.chunked:
+                out.append(
+                    f"{name}: {split.chunked} document(s) longer than {self.max_seq_length} tokens "
+                    "split into pieces (every token kept)"
+                )
         if self.packed_rows is not None:
             out.append(f"packed into {self.packed_rows} rows ({self.packing_efficiency:.0%} full)")
         return out
@@ -139,17 +145,30 @@ def render(records: Sequence[Record], template: Template) -> list[list[Segment]]
 
 
 def tokenize_split(
-    segments: Sequence[Sequence[Segment]], tokenizer: Any, max_seq_length: int, *, train_on_inputs: bool
+    segments: Sequence[Sequence[Segment]],
+    tokenizer: Any,
+    max_seq_length: int,
+    *,
+    train_on_inputs: bool,
+    chunked: bool = False,
 ) -> tuple[list[Example], SplitReport]:
     full = encode_segments(segments, tokenizer, train_on_inputs=train_on_inputs)
-    return truncate_split(full, max_seq_length)
+    return truncate_split(full, max_seq_length, chunked=chunked)
 
 
-def truncate_split(full: Sequence[Example], max_seq_length: int) -> tuple[list[Example], SplitReport]:
-    """Truncate every example; those with nothing left to train on are dropped. Both are counted."""
+def truncate_split(
+    full: Sequence[Example], max_seq_length: int, *, chunked: bool = False
+) -> tuple[list[Example], SplitReport]:
+    """Truncate every example (``chunked``: split long ones into pieces, for text); those with
+    nothing left to train on are dropped. All are counted."""
     kept = []
-    truncated = dropped = 0
+    truncated = dropped = split = 0
     for example in full:
+        if chunked and len(example) > max_seq_length:
+            pieces = chunk(example, max_seq_length)
+            kept += pieces
+            split += 1
+            continue
         cut = truncate(example, max_seq_length)
         if cut is None:
             dropped += 1
@@ -162,6 +181,7 @@ def truncate_split(full: Sequence[Example], max_seq_length: int) -> tuple[list[E
         dropped=dropped,
         lengths=LengthStats.of([e.full_length for e in full]),
         trained_tokens=sum(e.trained_tokens for e in kept),
+        chunked=split,
     )
     return kept, report
 
@@ -200,12 +220,12 @@ def prepare(
 
     template = resolve_template(dataset.template, fmt, tokenizer)
     max_len = training.max_seq_length
-    train, train_report = tokenize_split(
-        render(train_records, template), tokenizer, max_len, train_on_inputs=dataset.train_on_inputs
-    )
-    validation, val_report = tokenize_split(
-        render(val_records, template), tokenizer, max_len, train_on_inputs=dataset.train_on_inputs
-    )
+    options: dict[str, Any] = {
+        "train_on_inputs": dataset.train_on_inputs,
+        "chunked": fmt == api.DatasetFormat.TEXT,  # continued pretraining keeps every token
+    }
+    train, train_report = tokenize_split(render(train_records, template), tokenizer, max_len, **options)
+    validation, val_report = tokenize_split(render(val_records, template), tokenizer, max_len, **options)
     if not train:
         raise DataError(
             f"no training example left: all {train_report.dropped} lost every trained token to "

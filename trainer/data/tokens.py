@@ -118,6 +118,26 @@ def truncate(example: Example, max_seq_length: int) -> Example | None:
     return example if example.trained_tokens else None
 
 
+def chunk(example: Example, max_seq_length: int) -> list[Example]:
+    """A long document as pieces of at most ``max_seq_length`` tokens, for continued pretraining.
+
+    Consecutive pieces share one token: position 0 of a piece is never a prediction target, so
+    with that overlap every token of the document but its first is a target exactly once.
+    """
+    if len(example) <= max_seq_length:
+        return [example]
+    stride = max(max_seq_length - 1, 1)
+    return [
+        Example(
+            example.input_ids[start : start + max_seq_length],
+            [IGNORE_INDEX, *example.labels[start + 1 : start + max_seq_length]],
+            False,
+            example.full_length,
+        )
+        for start in range(0, len(example) - 1, stride)
+    ]
+
+
 def tokenize_example(
     segments: Sequence[Segment], tokenizer: Any, max_seq_length: int, *, train_on_inputs: bool = False
 ) -> Example | None:
