@@ -583,9 +583,12 @@ class ControlPlane:
         fake_nodes: Sequence[FakeNode] = (),
         apiserver_args: Sequence[str] = (),
         controller_manager_args: Sequence[str] = (),
+        scheduler: bool = False,
     ) -> None:
         self.controller_manager = controller_manager
         self.fake_nodes = list(fake_nodes)
+        # A scheduler for real nodes, which join later (kwok runs too, idle without fake nodes).
+        self.scheduler = scheduler or bool(self.fake_nodes)
         self._given_work_dir = Path(work_dir).resolve() if work_dir is not None else None
         self._binaries = binaries
         self.startup_timeout = startup_timeout
@@ -623,7 +626,7 @@ class ControlPlane:
         binaries = self._binaries or find_binaries()
         self._binaries = binaries
         # Found (or built) before anything starts, not while the rest waits.
-        fake_node_binaries = find_fake_node_binaries() if self.fake_nodes else None
+        fake_node_binaries = find_fake_node_binaries() if self.scheduler else None
         for attempt in range(3):
             try:
                 self._start_once(binaries, fake_node_binaries)
