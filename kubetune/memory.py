@@ -426,6 +426,7 @@ def _activations(
 ) -> list[Part]:
     t = spec.training
     tokens = t.batch_size * t.max_seq_length
+    checkpointing = t.resolved_gradient_checkpointing(arch.parameters)
     h, i, kv = arch.hidden_size, arch.intermediate_size, arch.kv_dim
     q = arch.num_heads * arch.head_dim
     # Saved for backward in one decoder layer, per token: both norms' inputs and fp32 internals,
@@ -438,19 +439,24 @@ def _activations(
         adapted = [a for name, (a, _) in linears.items() if spec.lora.target_modules == ["all-linear"]
                    or name.split(".")[-1] in spec.lora.target_modules]  # fmt: skip
         layer += sum(a * (c + 1) for a in adapted)
-    if t.gradient_checkpointing:
+    if checkpointing:
         # Each layer's input; one layer recomputed at a time, and its gradients.
         kept = arch.num_layers * h * residual + 2 * layer
         note = f"gradient checkpointing, {t.batch_size} x {t.max_seq_length} tokens"
     else:
         kept = arch.num_layers * layer + layer
         note = f"{t.batch_size} x {t.max_seq_length} tokens, no checkpointing"
-    # Logits in the compute dtype, upcast to fp32 for the loss, log-softmax and its gradient.
-    logits = arch.vocab_size * (max(c + 8, 12))
-    return [
-        Part("activations", tokens * kept, note),
-        Part("logits and loss", tokens * logits, f"vocabulary {arch.vocab_size}, fp32 loss"),
-    ]
+    # Liger's fused linear cross-entropy (on by default on GPUs) never materializes the logits:
+    # it works through chunks of tokens, sized so that a chunk's logits are about the hidden states'.
+    if t.liger if t.liger is not None else c == 2:
+        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(arch.vocab_size / h)))))
+        loss = Part(
+            "logits and loss", tokens * h * 4 + chunk * arch.vocab_size * 8, "liger fused cross-entropy"
+        )
+    else:
+        # Logits in the compute dtype, upcast to fp32 for the loss, log-softmax and its gradient.
+        loss = Part("logits and loss", tokens * arch.vocab_size * max(c + 8, 12), "fp32 logits for the loss")
+    return [Part("activations", tokens * kept, note), loss]
 
 
 def _stages(spec: api.FineTuneJobSpec, arch: Architecture, *, c: int) -> list[Part]:
@@ -510,13 +516,14 @@ def _suggestions(spec: api.FineTuneJobSpec, arch: Architecture, plan: Plan) -> l
                     break
     if spec.method != api.Method.QLORA and fits(method="qlora", quantization=None):
         out.append("method: qlora")
-    if not t.gradient_checkpointing and fits(training__gradient_checkpointing=True):
+    checkpointing = t.resolved_gradient_checkpointing(arch.parameters)
+    if not checkpointing and fits(training__gradient_checkpointing=True):
         out.append("training.gradientCheckpointing: true")
     keep = "raise gradientAccumulation to keep the effective batch"
     batch = _largest_batch(t.batch_size, lambda b: fits(training__batch_size=b))
     if batch:
         out.append(f"training.batchSize: {batch} ({keep})")
-    elif not t.gradient_checkpointing:
+    elif not checkpointing:
         batch = _largest_batch(
             t.batch_size, lambda b: fits(training__batch_size=b, training__gradient_checkpointing=True)
         )
@@ -539,3 +546,38 @@ def plan_job(
     spec: api.FineTuneJobSpec, *, config_path: Path | None = None, store: Any = None, model: str | None = None
 ) -> Plan:
     return estimate(spec, architecture(spec, config_path=config_path, store=store), model=model)
+
+
+def plan_files(
+    paths: list[Path], *, config_path: Path | None = None, online: bool = True
+) -> list[tuple[str, Plan | str]]:
+    """The plan of every FineTuneJob in ``paths``, or why there is none (an invalid manifest,
+    an unknown model). ``online`` reads an s3:// model's config.json from storage."""
+    from kubetune.validation import InvalidJob, documents, parse_job
+
+    out: list[tuple[str, Plan | str]] = []
+    for path in paths:
+        try:
+            docs = list(documents(path))
+        except (OSError, ValueError) as error:
+            out.append((str(path), str(error)))
+            continue
+        for source, doc in docs:
+            try:
+                job = parse_job(doc, source)
+                out.append(
+                    (source, plan_job(job.spec, config_path=config_path, store=_store(job.spec, online)))
+                )
+            except InvalidJob as error:
+                out.append((source, "; ".join(str(p) for p in error.problems)))
+            except ValueError as error:
+                out.append((source, str(error)))
+    return out
+
+
+def _store(spec: api.FineTuneJobSpec, online: bool) -> Any:
+    if not online or not (spec.model.uri or "").startswith("s3://"):
+        return None
+    from kubetune.storage import ObjectStore, StorageConfig
+
+    return ObjectStore(StorageConfig(endpoint=spec.storage.endpoint, region=spec.storage.region))

@@ -55,7 +55,7 @@ def test_70b_qlora_fits_one_80gi_gpu_and_bf16_lora_does_not() -> None:
 def test_smaller_gpus_and_long_batches_get_the_changes_that_fit() -> None:
     job = spec(
         "meta-llama/Llama-3.1-8B",
-        training={"batchSize": 16, "maxSeqLength": 4096},
+        training={"batchSize": 16, "maxSeqLength": 4096, "gradientCheckpointing": False},
         resources={"gpus": 1, "gpuMemory": "40Gi"},
     )
     plan = memory.plan_job(job)
@@ -115,14 +115,19 @@ def test_strategy_auto_is_fsdp_only_for_full_fine_tuning_on_several_processes() 
 
 
 def test_gradient_checkpointing_and_smaller_batches_shrink_activations_only() -> None:
-    plain = memory.plan_job(spec(training={"batchSize": 4, "maxSeqLength": 2048}))
+    off = {"batchSize": 4, "maxSeqLength": 2048, "gradientCheckpointing": False}
+    plain = memory.plan_job(spec(training=off))
     checkpointed = memory.plan_job(
         spec(training={"batchSize": 4, "maxSeqLength": 2048, "gradientCheckpointing": True})
     )
     assert checkpointed.part("activations") < plain.part("activations") / 5
     assert checkpointed.part("weights") == plain.part("weights")
-    half = memory.plan_job(spec(training={"batchSize": 2, "maxSeqLength": 2048}))
+    half = memory.plan_job(spec(training=off | {"batchSize": 2}))
     assert half.part("activations") == plain.part("activations") // 2
+    # Unset, gradient checkpointing is on from 1B parameters, as the trainer resolves it.
+    assert memory.plan_job(spec(training=off | {"gradientCheckpointing": None})).part(
+        "activations"
+    ) == checkpointed.part("activations")
 
 
 def test_quantities() -> None:
@@ -137,3 +142,11 @@ def test_the_tiny_preset_plans_on_the_cpu_without_a_budget() -> None:
     plan = memory.plan_job(spec("kubetune/tiny-llama", resources={"gpus": 0}))
     assert not plan.on_gpu and plan.fits
     assert all(p.name != "runtime" for p in plan.parts)
+
+
+def test_fused_cross_entropy_replaces_the_fp32_logits_where_liger_runs() -> None:
+    tokens = {"batchSize": 2, "maxSeqLength": 2048}
+    fused = memory.plan_job(spec(training=tokens)).part("logits and loss")  # liger unset: on with a GPU
+    plain = memory.plan_job(spec(training=tokens | {"liger": False})).part("logits and loss")
+    assert plain == 2 * 2048 * 128256 * 12  # bf16 logits, the fp32 copy, log-softmax and its gradient
+    assert fused < plain / 10
