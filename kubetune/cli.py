@@ -33,7 +33,37 @@ def validate(
         err.print(line, markup=False, highlight=False)
     if errors:
         raise typer.Exit(1)
+    from kubetune.memory import plan_files
+
+    for source, found in plan_files(files, online=False):
+        if not isinstance(found, str) and not found.fits:
+            err.print(f"warning: {source}: memory plan: {found.verdict()}", markup=False, highlight=False)
     Console().print(f"{len(files)} file(s) valid", highlight=False)
+
+
+@app.command()
+def plan(
+    files: Annotated[
+        list[Path], typer.Argument(help="FineTuneJob manifests (YAML, any number of documents).")
+    ],
+    config: Annotated[
+        Path | None, typer.Option(help="The model's config.json, for a model not in the built-in table.")
+    ] = None,
+) -> None:
+    """Per-GPU memory of each FineTuneJob, part by part; exits 1 when one does not fit."""
+    from kubetune.memory import plan_files
+
+    out = Console(soft_wrap=True)
+    failed = False
+    for source, found in plan_files(files, config_path=config):
+        if isinstance(found, str):
+            err.print(f"{source}: {found}", markup=False, highlight=False)
+            failed = True
+            continue
+        out.print(f"{source}\n{found.table()}\n", markup=False, highlight=False)
+        failed = failed or not found.fits
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()
