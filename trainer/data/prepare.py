@@ -13,7 +13,14 @@ from kubetune.trainer.data.errors import DataError
 from kubetune.trainer.data.formats import Record, detect_format, parse_rows, row_variant
 from kubetune.trainer.data.packing import PackedRow, pack, packing_efficiency
 from kubetune.trainer.data.sources import Rows, load_rows
-from kubetune.trainer.data.templates import EvalPair, Segment, Template, eval_pair, resolve_template
+from kubetune.trainer.data.templates import (
+    ChatTemplate,
+    EvalPair,
+    Segment,
+    Template,
+    eval_pair,
+    resolve_template,
+)
 from kubetune.trainer.data.tokens import Example, chunk, encode_segments, truncate
 
 
@@ -107,6 +114,7 @@ class PreparedData:
     template: str
     report: DataReport
     train_packed: list[PackedRow] | None = None  # when training.packing
+    chat_template: str | None = None  # Jinja of the fallback chat template used, for the saved tokenizer
 
 
 def dedupe(records: Sequence[Record]) -> tuple[list[Record], int]:
@@ -251,7 +259,8 @@ def prepare(
         packed_rows=len(packed) if packed is not None else None,
         packing_efficiency=packing_efficiency(packed, max_len) if packed is not None else None,
     )
-    return PreparedData(train, validation, pairs, fmt, template.name, report, packed)
+    chat_template = template.chat_template if isinstance(template, ChatTemplate) else None
+    return PreparedData(train, validation, pairs, fmt, template.name, report, packed, chat_template)
 
 
 def _same_format(rows: Rows, fmt: api.DatasetFormat, declared: api.DatasetFormat) -> None:

@@ -22,6 +22,9 @@ def run(ctx: RunContext) -> None:
     )
     for line in ctx.data.report.lines():
         ctx.reporter.log(line)
+    if ctx.data.chat_template is not None:
+        # Saved with every artifact: the result renders chats the way it was trained on them.
+        ctx.tokenizer.chat_template = ctx.data.chat_template
     set_seed(ctx.spec.training.seed)  # adapter initialisation is random too
     ctx.model = modeling.trainable_model(ctx.spec, ctx.model_source)
     trainable, total = modeling.parameter_counts(ctx.model)
