@@ -26,6 +26,7 @@ RUNNING_CONDITION = "Running"
 SUCCEEDED_CONDITION = "Succeeded"
 FAILED_CONDITION = "Failed"
 SUSPENDED_CONDITION = "Suspended"
+MEMORY_PLAN_CONDITION = "MemoryPlan"  # the memory plan's verdict; informative, it never blocks
 
 # Waiting reasons of the trainer container that need a person, not time.
 STUCK_WAITING = frozenset(
@@ -410,6 +411,9 @@ def observe(
         put(SUSPENDED_CONDITION, True, "Suspended", found.message)
     elif any(c.get("type") == SUSPENDED_CONDITION for c in conditions):
         put(SUSPENDED_CONDITION, False, "Resumed", "spec.suspend is false")
+    verdict = memory_verdict(spec)
+    if verdict is not None:
+        put(MEMORY_PLAN_CONDITION, *verdict)
     if found.phase == SUCCEEDED:
         put(SUCCEEDED_CONDITION, True, found.reason, found.message)
     if found.phase == FAILED:
@@ -440,6 +444,18 @@ def observe(
     return update
 
 
+def memory_verdict(spec: api.FineTuneJobSpec) -> tuple[bool, str, str] | None:
+    """The MemoryPlan condition: fits or not, with the figures; None for a model it cannot size
+    (no network here: a model outside the built-in table and without a local config.json)."""
+    from kubetune import memory
+
+    try:
+        plan = memory.plan_job(spec)
+    except ValueError:
+        return None
+    return plan.fits, "Fits" if plan.fits else "DoesNotFit", plan.verdict()
+
+
 def _events(before: Mapping[str, Any], after: StatusUpdate) -> list[Event]:
     events = []
     if before.get("phase") != after.phase:
@@ -450,4 +466,10 @@ def _events(before: Mapping[str, Any], after: StatusUpdate) -> list[Event]:
     )
     if after.reason in PROBLEMS and old.get("reason") != after.reason:
         events.append(Event("Warning", after.reason, after.message))
+    plan = next((c for c in after.conditions if c["type"] == MEMORY_PLAN_CONDITION), None)
+    was: Mapping[str, Any] = next(
+        (c for c in before.get("conditions") or [] if c.get("type") == MEMORY_PLAN_CONDITION), {}
+    )
+    if plan is not None and plan["status"] == "False" and was.get("status") != "False":
+        events.append(Event("Warning", "MemoryPlan", plan["message"]))
     return events
