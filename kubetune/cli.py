@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from kubetune.storage import StorageConfig
 
 app = typer.Typer(
     help="Fine-tune LLMs on Kubernetes, or on this machine with the same trainer.",
@@ -15,6 +18,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Look at datasets the way the trainer will see them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+artifacts_app = typer.Typer(
+    help="The runs a FineTuneJob left in object storage: list them, pull one verified.", no_args_is_help=True
+)
+app.add_typer(artifacts_app, name="artifacts")
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -155,3 +162,53 @@ def data_inspect(
             path, fmt=format, examples=examples, model=model, max_seq_length=max_seq_length, console=Console()
         )
     )
+
+
+def _storage_config(endpoint: str | None, region: str | None, concurrency: int) -> StorageConfig:
+    from kubetune.storage import StorageConfig
+
+    try:
+        return StorageConfig(endpoint=endpoint, region=region, max_concurrency=concurrency)
+    except ValueError as exc:
+        err.print(f"kubetune artifacts: {exc}", markup=False, highlight=False)
+        raise typer.Exit(2) from exc
+
+
+_Endpoint = Annotated[
+    str | None,
+    typer.Option(
+        help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or AWS S3)."
+    ),
+]
+_Region = Annotated[str | None, typer.Option(help="Region (default: the AWS configuration).")]
+_Concurrency = Annotated[int, typer.Option(min=1, max=256, help="Requests in flight.")]
+
+
+@artifacts_app.command("pull")
+def artifacts_pull(
+    uri: Annotated[
+        str, typer.Argument(help="The run: s3://bucket/prefix/<namespace>/<name> or a local path.")
+    ],
+    dest: Annotated[Path, typer.Argument(help="Directory to download into.")],
+    endpoint: _Endpoint = None,
+    region: _Region = None,
+    concurrency: _Concurrency = 8,
+) -> None:
+    """Download a finished run, every file checked against its manifest.json (size and SHA-256)."""
+    from kubetune.artifacts import run_pull
+
+    config = _storage_config(endpoint, region, concurrency)
+    raise typer.Exit(run_pull(uri, dest, config, Console(), err))
+
+
+@artifacts_app.command("ls")
+def artifacts_ls(
+    uri: Annotated[str, typer.Argument(help="A prefix: s3://bucket/prefix or a local path.")],
+    endpoint: _Endpoint = None,
+    region: _Region = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the runs under a prefix: complete or not, job, size, files, date."""
+    from kubetune.artifacts import run_ls
+
+    raise typer.Exit(run_ls(uri, _storage_config(endpoint, region, 8), Console(), err, as_json=as_json))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -26,8 +27,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeAlias
@@ -36,15 +41,20 @@ from urllib.parse import urlsplit
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    FlexibleChecksumError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from s3transfer.exceptions import RetriesExceededError, TransferNotDoneError
-from s3transfer.manager import TransferManager
-from s3transfer.subscribers import BaseSubscriber
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
-    from s3transfer.futures import TransferFuture
 
 __all__ = [
     "ChecksumMismatchError",
@@ -52,6 +62,7 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFoundError",
     "ObjectStore",
+    "ProgressCallback",
     "StorageConfig",
     "StorageCredentials",
     "StorageError",
@@ -71,6 +82,13 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_BLOCK = 4 * MiB
 _DELETE_BATCH = 1000
+_MAX_PARTS = 10_000
+# Read size of a download stream; large reads keep the per-byte Python overhead small.
+_STREAM_BLOCK = 1 * MiB
+# Bytes of a multipart download held in memory ahead of the hashing frontier, per file.
+_HOLD_AHEAD = 16 * MiB
+# A body cut off mid-stream, after botocore's retries of the request itself.
+_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError, ConnectionError)
 # Everything boto3 and s3transfer raise for a failed request or transfer; all become StorageError.
 _TRANSFER_ERRORS = (ClientError, BotoCoreError, OSError, TransferNotDoneError, RetriesExceededError)
 
@@ -288,8 +306,16 @@ class StorageConfig(BaseModel):
         None, description="Path-style addressing; None means on when an endpoint is set."
     )
     max_concurrency: int = Field(8, ge=1, le=256, description="Parallel parts and files per transfer.")
-    multipart_threshold: int = Field(8 * MiB, ge=5 * MiB)
-    multipart_chunksize: int = Field(8 * MiB, ge=5 * MiB)
+    multipart_threshold: int = Field(
+        64 * MiB,
+        ge=5 * MiB,
+        description="Files this large or larger move in parts; smaller ones in one request.",
+    )
+    multipart_chunksize: int = Field(
+        64 * MiB,
+        ge=5 * MiB,
+        description="Part size. An upload holds up to max_concurrency parts in memory.",
+    )
     retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
     max_attempts: int = Field(8, ge=1, le=50, description="Attempts per request, the first included.")
     connect_timeout: float = Field(10.0, gt=0)
@@ -341,7 +367,9 @@ class StorageConfig(BaseModel):
             max_pool_connections=max(10, self.max_concurrency * 2),
             s3={"addressing_style": "path" if self.effective_path_style else "auto"},
             request_checksum_calculation=checksums,
-            response_checksum_validation=checksums,
+            # Downloads hash what they write and compare it themselves (see _ask_for_checksum);
+            # reads that want botocore's check ask for it with ChecksumMode.
+            response_checksum_validation="when_required",
             user_agent_extra="kubetune",
         )
 
@@ -426,18 +454,221 @@ def _local_matches(path: Path, size: int, sha256: str | None) -> bool:
         return False
 
 
-class _KnownObject(BaseSubscriber):
-    """Tells the transfer manager the size and ETag from our HEAD: no second HEAD, and every
-    ranged GET carries ``If-Match`` so parts of two different versions are never stitched together."""
+ProgressCallback: TypeAlias = Callable[[int, int], None]
+"""Called as bytes move: ``(bytes done, bytes in all)``, from any of the transfer threads."""
 
-    def __init__(self, size: int, etag: str | None) -> None:
-        self._size = size
-        self._etag = etag
 
-    def on_queued(self, future: TransferFuture, **kwargs: Any) -> None:
-        future.meta.provide_transfer_size(self._size)
-        if self._etag:
-            future.meta.provide_object_etag(self._etag)
+class _Progress:
+    """Adds up the bytes moved by every thread of one transfer and reports the running total."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total = total
+        self._callback = callback
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        if self._callback is None or not nbytes:
+            return
+        with self._lock:
+            self._done += nbytes
+            done = self._done
+        self._callback(done, self.total)
+
+
+class _TaskGroup:
+    """Tasks on a thread pool. Tasks may add tasks; the first failure stops every task not yet
+    started (running ones see :attr:`failed`) and :meth:`wait` raises it once all have ended."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kubetune-storage")
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._error: BaseException | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._cond:
+            if self._error is not None:
+                return
+            self._pending += 1
+        self._pool.submit(self._run, task)
+
+    def _run(self, task: Callable[[], None]) -> None:
+        try:
+            if self._error is None:
+                task()
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+
+    def wait(self) -> None:
+        try:
+            with self._cond:
+                while self._pending:
+                    self._cond.wait()
+        except BaseException as exc:  # e.g. KeyboardInterrupt: stop the workers, then re-raise
+            self.fail(exc)
+            raise
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._error is not None:
+            raise self._error
+
+
+class _OrderedHasher:
+    """SHA-256 of a file whose blocks are written out of order by parallel ranged GETs, taken
+    while the file is written: the block at the frontier is hashed from memory as it arrives,
+    blocks ahead of it are held (up to ``hold`` bytes) or, past that, read back from the file
+    (still in the page cache) once the frontier reaches them. One thread hashes at a time."""
+
+    def __init__(self, fd: int, hold: int) -> None:
+        self._fd = fd
+        self._hold = hold
+        self._digest = hashlib.sha256()
+        self._next = 0
+        self._ahead: dict[int, bytes | int] = {}
+        self._held = 0
+        self._busy = False
+        self._lock = threading.Lock()
+
+    def add(self, offset: int, block: bytes) -> None:
+        with self._lock:
+            if self._held + len(block) <= self._hold or offset == self._next:
+                self._ahead[offset] = block
+                self._held += len(block)
+            else:
+                self._ahead[offset] = len(block)
+            if self._busy:
+                return
+            self._busy = True
+        while True:
+            with self._lock:
+                start = self._next
+                item = self._ahead.pop(start, None)
+                if item is None:
+                    self._busy = False
+                    return
+                if isinstance(item, bytes):
+                    self._held -= len(item)
+            data = item if isinstance(item, bytes) else _pread_exact(self._fd, item, start)
+            self._digest.update(data)
+            with self._lock:
+                self._next = start + len(data)
+
+    @property
+    def hashed(self) -> int:
+        """Bytes hashed so far: the whole file once every block has been added."""
+        with self._lock:
+            return self._next
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    chunks = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            raise OSError(f"unexpected end of file at byte {offset + got}")
+        chunks.append(more)
+        got += len(more)
+    return b"".join(chunks)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _part_ranges(size: int, threshold: int, chunk: int) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` of a transfer: one for a file under ``threshold``, else parts
+    of ``chunk`` bytes (grown if needed to stay within S3's 10,000 parts)."""
+    if size < threshold:
+        return [(0, size)]
+    chunk = max(chunk, -(-size // _MAX_PARTS))
+    return [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+
+
+@dataclass(slots=True)
+class _Fetch:
+    """One object to download and what is known of it before its first GET."""
+
+    src: StorageURI
+    dest: Path
+    size: int | None = None
+    etag: str | None = None
+    sha256: str | None = None  # recorded with the object (from a HEAD), if known
+    expected: str | None = None  # from a manifest: the bytes must match it as well
+    expected_source: str = ""
+
+
+@dataclass(eq=False, slots=True)
+class _FileDownload:
+    """A download in flight: its temporary file, the hasher following its parts, the parts left."""
+
+    fetch: _Fetch
+    size: int
+    tmp: Path
+    fd: int
+    hasher: _OrderedHasher
+    parts_left: int
+    response: dict[str, Any] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+@dataclass(eq=False, slots=True)
+class _FileUpload:
+    """A multipart upload in flight: the open source file, its upload id, the parts sent so far."""
+
+    src: Path
+    dest: StorageURI
+    size: int
+    sha256: str
+    fd: int
+    upload_id: str
+    parts_left: int
+    parts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    completed: bool = False
+    closed: bool = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+def _ask_for_checksum(request: Any, **kwargs: Any) -> None:
+    """Ask for the stored checksum in every GET's response without botocore re-hashing the body:
+    downloads hash what they write themselves and compare the result."""
+    if "x-amz-checksum-mode" not in request.headers:
+        request.headers["x-amz-checksum-mode"] = "ENABLED"
 
 
 # --------------------------------------------------------------------------- the store
@@ -464,8 +695,18 @@ class ObjectStore:
             "s3",
             endpoint_url=self.config.endpoint,
             verify=self.config.verify_tls,
-            config=self.config.botocore_config(),
+            config=self._client_config(),
         )
+        self._client.meta.events.register("before-sign.s3.GetObject", _ask_for_checksum)
+
+    def _client_config(self) -> Config:
+        config = self.config.botocore_config()
+        if not self.config.checksum_algorithm:
+            return config
+        # Every object body this store sends carries a checksum the server verifies, so the SigV4
+        # payload hash (one more SHA-256 of every byte over plain http) adds nothing.
+        s3: Any = {**(getattr(config, "s3", None) or {}), "payload_signing_enabled": False}
+        return config.merge(Config(s3=s3))
 
     def __repr__(self) -> str:
         return f"ObjectStore(endpoint={self.config.effective_endpoint!r}, region={self.config.region!r})"
@@ -741,93 +982,263 @@ class ObjectStore:
             args["ChecksumAlgorithm"] = algorithm
         return args
 
-    def _transfer_manager(self) -> TransferManager:
-        return TransferManager(self._client, self.config.transfer_config())
+    def _part_checksum(self, data: bytes) -> dict[str, Any]:
+        """The flexible checksum of one part, computed here: botocore then reads the body only to send it."""
+        algorithm = self.config.checksum_algorithm
+        if algorithm == "SHA256":
+            return {"ChecksumSHA256": base64.b64encode(hashlib.sha256(data).digest()).decode()}
+        if algorithm == "SHA1":
+            return {"ChecksumSHA1": base64.b64encode(hashlib.sha1(data).digest()).decode()}
+        if algorithm == "CRC32":
+            return {"ChecksumCRC32": base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()}
+        if algorithm:
+            return {"ChecksumAlgorithm": algorithm}
+        return {}
 
-    def download_file(self, uri: URILike, dest: str | os.PathLike[str]) -> Transfer:
+    def _ranges(self, size: int) -> list[tuple[int, int]]:
+        return _part_ranges(size, self.config.multipart_threshold, self.config.multipart_chunksize)
+
+    def download_file(
+        self, uri: URILike, dest: str | os.PathLike[str], *, progress: ProgressCallback | None = None
+    ) -> Transfer:
         """Download one object to ``dest``; skipped when ``dest`` already has the same size and SHA-256."""
-        return self._download_many([(parse_uri(uri), Path(_abspath(dest)))])[0]
-
-    def download_prefix(self, uri: URILike, dest_dir: str | os.PathLike[str]) -> list[Transfer]:
-        """Download every object under ``uri`` into ``dest_dir``, keeping relative names."""
         loc = parse_uri(uri)
-        root = Path(_abspath(dest_dir))
+        fetch = _Fetch(loc, Path(_abspath(dest)))
+        if loc.is_s3:
+            head = self._head(loc, "download")
+            fetch.size, fetch.etag = int(head["ContentLength"]), head.get("ETag")
+            fetch.sha256 = self._sha256_from_head(head)
+        return self._download_many([fetch], progress)[0]
+
+    def download_prefix(
+        self,
+        uri: URILike,
+        dest_dir: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> list[Transfer]:
+        """Download every object under ``uri`` into ``dest_dir``, keeping relative names.
+
+        Objects come in parallel (``max_concurrency``), one GET each up to ``multipart_threshold``
+        and ranged GETs of ``multipart_chunksize`` above it. Each file is hashed as it is written,
+        compared with the SHA-256 recorded with its object, and renamed into place only if it
+        matches.
+        """
+        loc = parse_uri(uri)
         objects = self.list_prefix(loc)
         if not objects and (loc.is_s3 or not loc.path.is_dir()):
             raise ObjectNotFoundError(
                 f"download {loc} failed: nothing under this prefix", operation="download", uri=str(loc)
             )
-        pairs = []
+        return self.download_objects(objects, dest_dir, progress=progress)
+
+    def download_objects(
+        self,
+        objects: list[ObjectInfo],
+        dest_dir: str | os.PathLike[str],
+        *,
+        expected: Mapping[str, str] | None = None,
+        expected_source: str = "",
+        progress: ProgressCallback | None = None,
+    ) -> list[Transfer]:
+        """Download listed objects (from :meth:`list_prefix`) to ``dest_dir/<name>``.
+
+        ``expected`` maps names to SHA-256s known from elsewhere (a manifest, named by
+        ``expected_source`` in errors): a file whose bytes differ is refused like a corrupt one.
+        """
+        root = Path(_abspath(dest_dir))
+        fetches = []
         for obj in objects:
             _check_segments(obj.name.split("/"), str(obj.uri), allow_trailing_slash=False)
-            pairs.append((obj.uri, root.joinpath(*obj.name.split("/"))))
-        return self._download_many(pairs)
+            fetches.append(
+                _Fetch(
+                    obj.uri,
+                    root.joinpath(*obj.name.split("/")),
+                    obj.size,
+                    obj.etag,
+                    obj.sha256,
+                    (expected or {}).get(obj.name),
+                    expected_source,
+                )
+            )
+        return self._download_many(fetches, progress)
 
-    def _download_many(self, pairs: list[tuple[StorageURI, Path]]) -> list[Transfer]:
-        results: dict[int, Transfer] = {}
-        pending: list[tuple[int, StorageURI, Path, Path, int, str | None, Any]] = []
-        temps: list[Path] = []
+    def _download_many(self, fetches: list[_Fetch], callback: ProgressCallback | None) -> list[Transfer]:
+        results: list[Transfer | None] = [None] * len(fetches)
+        progress = _Progress(sum(f.size or 0 for f in fetches), callback)
+        if callback is not None and any(f.size is None for f in fetches):
+            with self._errors("download", fetches[0].src):
+                progress.total = sum(
+                    f.size if f.size is not None else f.src.path.stat().st_size for f in fetches
+                )
+        inflight: list[_FileDownload] = []
+        group = _TaskGroup(self.config.max_concurrency)
         try:
-            with self._transfer_manager() as manager:
-                for index, (src, dest) in enumerate(pairs):
-                    if src.is_local:
-                        results[index] = self._copy_local(src, dest, "download")
-                        continue
-                    head = self._head(src, "download")
-                    size, sha = int(head["ContentLength"]), self._sha256_from_head(head)
-                    if _local_matches(dest, size, sha):
-                        log.debug("download %s: %s is up to date", src, dest)
-                        results[index] = Transfer(src, parse_uri(dest), size, sha or "", skipped=True)
-                        continue
-                    with self._errors("download", src):
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = _partial_path(dest)
-                        temps.append(tmp)
-                        future = manager.download(
-                            src.bucket,
-                            src.key,
-                            str(tmp),
-                            extra_args={"ChecksumMode": "ENABLED"},
-                            subscribers=[_KnownObject(size, head.get("ETag"))],
-                        )
-                    pending.append((index, src, dest, tmp, size, sha, future))
-                for index, src, dest, tmp, size, sha, future in pending:
-                    with self._errors("download", src):
-                        future.result()
-                    results[index] = self._finish_download(src, dest, tmp, size, sha)
+            for index, fetch in enumerate(fetches):
+                group.submit(
+                    functools.partial(self._start_download, index, fetch, results, inflight, group, progress)
+                )
+            group.wait()
         except BaseException:
-            for tmp in temps:
-                tmp.unlink(missing_ok=True)
+            for state in inflight:
+                with contextlib.suppress(OSError):
+                    state.close()
+                state.tmp.unlink(missing_ok=True)
             raise
-        return [results[i] for i in range(len(pairs))]
+        return [r for r in results if r is not None]
 
-    def _finish_download(
-        self, src: StorageURI, dest: Path, tmp: Path, size: int, sha: str | None
-    ) -> Transfer:
+    def _start_download(
+        self,
+        index: int,
+        fetch: _Fetch,
+        results: list[Transfer | None],
+        inflight: list[_FileDownload],
+        group: _TaskGroup,
+        progress: _Progress,
+    ) -> None:
+        if fetch.src.is_local:
+            results[index] = self._copy_local(
+                fetch.src, fetch.dest, "download", fetch.expected, fetch.expected_source, progress
+            )
+            return
+        assert fetch.size is not None
+        if self._cached(fetch):
+            log.debug("download %s: %s is up to date", fetch.src, fetch.dest)
+            results[index] = Transfer(
+                fetch.src, parse_uri(fetch.dest), fetch.size, fetch.sha256 or "", skipped=True
+            )
+            progress.add(fetch.size)
+            return
+        with self._errors("download", fetch.src):
+            fetch.dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _partial_path(fetch.dest)
+            try:
+                fd = os.open(tmp, os.O_RDWR)  # read back by the hasher
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        ranges = self._ranges(fetch.size)
+        state = _FileDownload(
+            fetch, fetch.size, tmp, fd, _OrderedHasher(fd, hold=_HOLD_AHEAD), parts_left=len(ranges)
+        )
+        inflight.append(state)  # list.append is atomic; read only after every task has ended
+        for start, end in ranges[1:]:
+            group.submit(
+                functools.partial(self._download_part, state, start, end, index, results, group, progress)
+            )
+        self._download_part(state, *ranges[0], index, results, group, progress)
+
+    def _cached(self, fetch: _Fetch) -> bool:
+        """True when the destination already holds this object (one HEAD when the listing had no SHA-256)."""
+        try:
+            if not fetch.dest.is_file() or fetch.dest.stat().st_size != fetch.size:
+                return False
+        except OSError:
+            return False
+        if fetch.sha256 is None:
+            head = self._head(fetch.src, "download")
+            fetch.size, fetch.etag = int(head["ContentLength"]), head.get("ETag")
+            fetch.sha256 = self._sha256_from_head(head)
+        if fetch.expected is not None and fetch.sha256 != fetch.expected:
+            return False
+        return _local_matches(fetch.dest, fetch.size or 0, fetch.sha256)
+
+    def _download_part(
+        self,
+        state: _FileDownload,
+        start: int,
+        end: int,
+        index: int,
+        results: list[Transfer | None],
+        group: _TaskGroup,
+        progress: _Progress,
+    ) -> None:
+        src = state.fetch.src
+        whole = start == 0 and end == state.size
+        offset, attempt = start, 0
         with self._errors("download", src):
-            actual_size = tmp.stat().st_size
-            actual = sha256_file(tmp)
-        if actual_size != size or (sha is not None and actual != sha):
-            tmp.unlink(missing_ok=True)
+            while True:
+                args: dict[str, Any] = {"Bucket": src.bucket, "Key": src.key}
+                if not whole or offset:
+                    args["Range"] = f"bytes={offset}-{end - 1}"
+                if state.fetch.etag:
+                    args["IfMatch"] = state.fetch.etag  # parts of two versions are never stitched together
+                resp: dict[str, Any] = dict(self._client.get_object(**args))
+                body = resp.pop("Body")
+                if state.response is None:
+                    state.response = resp
+                try:
+                    while offset < end and not group.failed:
+                        block = body.read(min(_STREAM_BLOCK, end - offset))
+                        _pwrite_all(state.fd, block, offset)
+                        state.hasher.add(offset, block)
+                        offset += len(block)
+                        progress.add(len(block))
+                    break
+                except _STREAM_ERRORS as exc:
+                    # botocore retries requests; a body cut off mid-stream resumes here where it broke.
+                    attempt += 1
+                    if attempt >= self.config.max_attempts:
+                        raise
+                    log.warning(
+                        "download %s: the stream broke at byte %d (%s); resuming (attempt %d)",
+                        src,
+                        offset,
+                        exc,
+                        attempt + 1,
+                    )
+                    time.sleep(min(2.0**attempt * 0.1, 5.0))
+                finally:
+                    body.close()
+        if group.failed:
+            return
+        with state.lock:
+            state.parts_left -= 1
+            last = state.parts_left == 0
+        if last:
+            results[index] = self._finish_download(state)
+
+    def _finish_download(self, state: _FileDownload) -> Transfer:
+        fetch, src = state.fetch, state.fetch.src
+        with self._errors("download", src):
+            state.close()
+        actual_size, actual = state.hasher.hashed, state.hasher.hexdigest()
+        recorded = fetch.sha256 or self._sha256_from_head(state.response or {})
+        if actual_size != state.size or (recorded is not None and actual != recorded):
+            state.tmp.unlink(missing_ok=True)
             raise ChecksumMismatchError(
                 f"download {src} failed: got {actual_size} bytes with SHA-256 {actual}, "
-                f"expected {size} bytes with SHA-256 {sha}: "
+                f"expected {state.size} bytes with SHA-256 {recorded}: "
                 "the object is corrupt or changed during the download",
                 operation="download",
                 uri=str(src),
             )
-        if sha is None:
+        if fetch.expected is not None and actual != fetch.expected:
+            state.tmp.unlink(missing_ok=True)
+            raise ChecksumMismatchError(
+                f"download {src} failed: its SHA-256 {actual} is not the {fetch.expected} "
+                f"recorded in {fetch.expected_source or 'the expected checksums'}",
+                operation="download",
+                uri=str(src),
+            )
+        if recorded is None and fetch.expected is None:
             log.warning("download %s: no SHA-256 recorded for this object; size checked only", src)
         with self._errors("download", src):
-            tmp.replace(dest)
-        log.info("downloaded %s -> %s (%d bytes)", src, dest, size)
-        return Transfer(src, parse_uri(dest), size, actual, skipped=False)
+            state.tmp.replace(fetch.dest)
+        log.info("downloaded %s -> %s (%d bytes)", src, fetch.dest, state.size)
+        return Transfer(src, parse_uri(fetch.dest), state.size, actual, skipped=False)
 
     def upload_file(
-        self, src: str | os.PathLike[str], uri: URILike, *, skip_unchanged: bool = True
+        self,
+        src: str | os.PathLike[str],
+        uri: URILike,
+        *,
+        skip_unchanged: bool = True,
+        progress: ProgressCallback | None = None,
     ) -> Transfer:
         """Upload one file. With ``skip_unchanged`` an object with the same size and SHA-256 is left alone."""
-        return self._upload_many([(Path(_abspath(src)), parse_uri(uri))], skip_unchanged=skip_unchanged)[0]
+        path = Path(_abspath(src))
+        return self._upload_many([(path, parse_uri(uri))], skip_unchanged, None, progress)[0]
 
     def upload_prefix(
         self,
@@ -835,8 +1246,16 @@ class ObjectStore:
         uri: URILike,
         *,
         skip_unchanged: bool = True,
+        progress: ProgressCallback | None = None,
     ) -> list[Transfer]:
-        """Upload every file under ``src_dir`` to ``uri``, keeping relative names."""
+        """Upload every file under ``src_dir`` to ``uri``, keeping relative names.
+
+        Files go in parallel (``max_concurrency``): one PUT each up to ``multipart_threshold``, a
+        multipart upload of ``multipart_chunksize`` parts above it. Each file is read once to hash
+        it (its SHA-256 goes into the object's metadata) and once to send it; every body carries
+        a checksum the server verifies. With ``skip_unchanged`` one listing of ``uri`` tells which
+        files may already be there; only those cost a HEAD.
+        """
         root = Path(_abspath(src_dir))
         dest = parse_uri(uri)
         if not root.is_dir():
@@ -844,35 +1263,161 @@ class ObjectStore:
                 f"upload {root} failed: not a directory", operation="upload", uri=str(root)
             )
         files = self._list_local(parse_uri(root), checksums=False)
-        return self._upload_many(
-            [(Path(f.uri.key), join_uri(dest, f.name)) for f in files], skip_unchanged=skip_unchanged
-        )
+        existing: dict[str, int] | None = None
+        if skip_unchanged and dest.is_s3:
+            try:
+                existing = {o.uri.key: o.size for o in self.list_prefix(dest)}
+            except ObjectNotFoundError:
+                existing = {}
+        pairs = [(Path(f.uri.key), join_uri(dest, f.name)) for f in files]
+        return self._upload_many(pairs, skip_unchanged, existing, progress)
 
-    def _upload_many(self, pairs: list[tuple[Path, StorageURI]], *, skip_unchanged: bool) -> list[Transfer]:
-        results: dict[int, Transfer] = {}
-        pending: list[tuple[int, Path, StorageURI, int, str, Any]] = []
-        with self._transfer_manager() as manager:
+    def _upload_many(
+        self,
+        pairs: list[tuple[Path, StorageURI]],
+        skip_unchanged: bool,
+        existing: Mapping[str, int] | None,
+        callback: ProgressCallback | None,
+    ) -> list[Transfer]:
+        results: list[Transfer | None] = [None] * len(pairs)
+        progress = _Progress(0, callback)
+        if callback is not None:
+            with self._errors("upload", pairs[0][0] if pairs else ""):
+                progress.total = sum(src.stat().st_size for src, _ in pairs)
+        inflight: list[_FileUpload] = []
+        group = _TaskGroup(self.config.max_concurrency)
+        try:
             for index, (src, dest) in enumerate(pairs):
-                if dest.is_local:
-                    results[index] = self._copy_local(parse_uri(src), dest.path, "upload")
-                    continue
-                with self._errors("upload", src):
-                    size = src.stat().st_size
-                    sha = sha256_file(src)
-                if skip_unchanged and self._remote_matches(dest, size, sha):
-                    log.debug("upload %s: %s is up to date", src, dest)
-                    results[index] = Transfer(parse_uri(src), dest, size, sha, skipped=True)
-                    continue
-                args = self._upload_args(sha, single_part=size < self.config.multipart_threshold)
-                with self._errors("upload", dest):
-                    future = manager.upload(str(src), dest.bucket, dest.key, extra_args=args)
-                pending.append((index, src, dest, size, sha, future))
-            for index, src, dest, size, sha, future in pending:
-                with self._errors("upload", dest):
-                    future.result()
+                task = functools.partial(
+                    self._start_upload,
+                    index,
+                    src,
+                    dest,
+                    skip_unchanged,
+                    existing,
+                    results,
+                    inflight,
+                    group,
+                    progress,
+                )
+                group.submit(task)
+            group.wait()
+        except BaseException:
+            for state in inflight:
+                with contextlib.suppress(OSError):
+                    state.close()
+                if not state.completed:
+                    self._abort_upload(state)
+            raise
+        return [r for r in results if r is not None]
+
+    def _start_upload(
+        self,
+        index: int,
+        src: Path,
+        dest: StorageURI,
+        skip_unchanged: bool,
+        existing: Mapping[str, int] | None,
+        results: list[Transfer | None],
+        inflight: list[_FileUpload],
+        group: _TaskGroup,
+        progress: _Progress,
+    ) -> None:
+        if dest.is_local:
+            results[index] = self._copy_local(parse_uri(src), dest.path, "upload", progress=progress)
+            return
+        with self._errors("upload", src):
+            size = src.stat().st_size
+            single = size < self.config.multipart_threshold
+            data = src.read_bytes() if single else None
+            sha = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(src)
+        may_exist = existing is None or existing.get(dest.key) == size
+        if skip_unchanged and may_exist and self._remote_matches(dest, size, sha):
+            log.debug("upload %s: %s is up to date", src, dest)
+            results[index] = Transfer(parse_uri(src), dest, size, sha, skipped=True)
+            progress.add(size)
+            return
+        args = self._upload_args(sha, single_part=single)
+        with self._errors("upload", dest):
+            if data is not None:
+                self._client.put_object(Bucket=dest.bucket, Key=dest.key, Body=data, **args)
+                progress.add(size)
                 log.info("uploaded %s -> %s (%d bytes)", src, dest, size)
                 results[index] = Transfer(parse_uri(src), dest, size, sha, skipped=False)
-        return [results[i] for i in range(len(pairs))]
+                return
+            ranges = self._ranges(size)
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                created = self._client.create_multipart_upload(Bucket=dest.bucket, Key=dest.key, **args)
+            except BaseException:
+                os.close(fd)
+                raise
+        state = _FileUpload(src, dest, size, sha, fd, created["UploadId"], parts_left=len(ranges))
+        inflight.append(state)
+        for number, (start, end) in enumerate(ranges[1:], start=2):
+            group.submit(
+                functools.partial(self._upload_part, state, number, start, end, index, results, progress)
+            )
+        self._upload_part(state, 1, *ranges[0], index, results, progress)
+
+    def _upload_part(
+        self,
+        state: _FileUpload,
+        number: int,
+        start: int,
+        end: int,
+        index: int,
+        results: list[Transfer | None],
+        progress: _Progress,
+    ) -> None:
+        dest = state.dest
+        with self._errors("upload", dest):
+            data = _pread_exact(state.fd, end - start, start)
+            checksum = self._part_checksum(data)
+            resp = self._client.upload_part(
+                Bucket=dest.bucket,
+                Key=dest.key,
+                UploadId=state.upload_id,
+                PartNumber=number,
+                Body=data,
+                **checksum,
+            )
+            del data
+            part: dict[str, Any] = {"PartNumber": number, "ETag": resp["ETag"]}
+            for name in ("ChecksumSHA256", "ChecksumSHA1", "ChecksumCRC32", "ChecksumCRC32C"):
+                if value := resp.get(name) or checksum.get(name):
+                    part[name] = value
+            progress.add(end - start)
+            with state.lock:
+                state.parts[number] = part
+                state.parts_left -= 1
+                last = state.parts_left == 0
+            if not last:
+                return
+            state.close()
+            self._client.complete_multipart_upload(
+                Bucket=dest.bucket,
+                Key=dest.key,
+                UploadId=state.upload_id,
+                MultipartUpload={"Parts": [state.parts[n] for n in sorted(state.parts)]},  # type: ignore[misc]
+            )
+            state.completed = True
+        log.info("uploaded %s -> %s (%d bytes)", state.src, dest, state.size)
+        results[index] = Transfer(parse_uri(state.src), dest, state.size, state.sha256, skipped=False)
+
+    def _abort_upload(self, state: _FileUpload) -> None:
+        """Best effort: an upload that cannot be aborted now is left to :meth:`abort_multipart_uploads`
+        or the bucket's lifecycle rule; it is never visible as an object."""
+        try:
+            self._client.abort_multipart_upload(
+                Bucket=state.dest.bucket, Key=state.dest.key, UploadId=state.upload_id
+            )
+        except _TRANSFER_ERRORS as exc:
+            log.warning(
+                "upload %s: could not abort the unfinished multipart upload: %s",
+                state.dest,
+                self._redact(str(exc)),
+            )
 
     def _remote_matches(self, dest: StorageURI, size: int, sha: str) -> bool:
         try:
@@ -881,26 +1426,48 @@ class ObjectStore:
             return False
         return int(head["ContentLength"]) == size and self._sha256_from_head(head) == sha
 
-    def _copy_local(self, src: StorageURI, dest: Path, operation: str) -> Transfer:
+    def _copy_local(
+        self,
+        src: StorageURI,
+        dest: Path,
+        operation: str,
+        expected: str | None = None,
+        expected_source: str = "",
+        progress: _Progress | None = None,
+    ) -> Transfer:
+        """Copy a local file, hashing it as it is copied, into a temporary file renamed into place."""
         with self._errors(operation, src):
             size = src.path.stat().st_size
-            sha = sha256_file(src.path)
-            if _local_matches(dest, size, sha):
-                return Transfer(src, parse_uri(dest), size, sha, skipped=True)
+            if dest.is_file() and dest.stat().st_size == size:
+                sha = sha256_file(src.path)
+                if (expected is None or sha == expected) and _local_matches(dest, size, sha):
+                    if progress is not None:
+                        progress.add(size)
+                    return Transfer(src, parse_uri(dest), size, sha, skipped=True)
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = _partial_path(dest)
             try:
-                shutil.copyfile(src.path, tmp)
-                if sha256_file(tmp) != sha:
+                digest = hashlib.sha256()
+                copied = 0
+                with src.path.open("rb") as fin, tmp.open("wb") as fout:
+                    while block := fin.read(_HASH_BLOCK):
+                        digest.update(block)
+                        fout.write(block)
+                        copied += len(block)
+                        if progress is not None:
+                            progress.add(len(block))
+                sha = digest.hexdigest()
+                if expected is not None and sha != expected:
                     raise ChecksumMismatchError(
-                        f"{operation} {src} failed: the copy at {dest} does not match the source",
+                        f"{operation} {src} failed: its SHA-256 {sha} is not the {expected} "
+                        f"recorded in {expected_source or 'the expected checksums'}",
                         operation=operation,
                         uri=str(src),
                     )
                 tmp.replace(dest)
             finally:
                 tmp.unlink(missing_ok=True)
-        return Transfer(src, parse_uri(dest), size, sha, skipped=False)
+        return Transfer(src, parse_uri(dest), copied, sha, skipped=False)
 
     # ------------------------------------------------------------------ deletion
 
