@@ -196,3 +196,43 @@ def test_isolation_needs_restarted_positions_and_no_cache(
     assert not torch.allclose(plain[n:], alone, atol=1e-3)
     assert not torch.allclose(cached[n:], alone, atol=1e-3)
     torch.testing.assert_close(isolated[:n], logits_alone(model, first))
+
+
+def loss_and_gradients(
+    model: LlamaForCausalLM, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    with torch.enable_grad():
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(
+    model: LlamaForCausalLM, examples: list[Example]
+) -> None:
+    """The default layout without packing: the same examples, one row, no padding, same training signal."""
+    padded = PaddingCollator(pad_token_id=0)(examples)
+    flat = PackedCollator(pad_token_id=0, flatten=True)(examples)
+    assert flat["input_ids"].numel() == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
+    # the same targets: what Trainer counts (labels[..., 1:]) to normalise the loss
+    assert int((flat["labels"][:, 1:] != IGNORE_INDEX).sum()) == int(
+        (padded["labels"][:, 1:] != IGNORE_INDEX).sum()
+    )
+    padded_loss, padded_grads = loss_and_gradients(model, padded)
+    flat_loss, flat_grads = loss_and_gradients(model, flat)
+    torch.testing.assert_close(flat_loss, padded_loss)
+    assert padded_grads.keys() == flat_grads.keys() and len(padded_grads) == len(list(model.parameters()))
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(flat_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the control: without restarting positions the examples see each other and the gradients move
+    _, leaky = loss_and_gradients(
+        model, {**flat, "position_ids": torch.arange(flat["input_ids"].shape[1])[None]}
+    )
+    assert not torch.allclose(
+        leaky["model.layers.0.self_attn.q_proj.weight"],
+        padded_grads["model.layers.0.self_attn.q_proj.weight"],
+        atol=1e-4,
+    )
