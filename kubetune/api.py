@@ -165,7 +165,12 @@ class Training(Model):
     max_grad_norm: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation: int = Field(1, ge=1, le=4096)
-    max_seq_length: int = Field(1024, ge=16, le=1048576, description="Longer rows are truncated.")
+    max_seq_length: int = Field(
+        1024,
+        ge=16,
+        le=1048576,
+        description="Longer rows are truncated; longer text documents are split into pieces of this length.",
+    )
     packing: bool = Field(
         False,
         description=(
@@ -211,6 +216,17 @@ class Training(Model):
     eval_every: int | None = Field(None, ge=1, description="Steps between validation passes.")
     early_stopping: EarlyStopping | None = None
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
+    collective_timeout_seconds: int = Field(
+        1800,
+        ge=60,
+        le=604800,
+        description=(
+            "How long a process waits in a collective (all-reduce, barrier) for the others before "
+            "failing, e.g. while rank 0 alone runs the baseline evaluation; the process group's and "
+            "the Trainer's timeout. KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS in the trainer's "
+            "environment overrides it."
+        ),
+    )
 
     def resolved_gradient_checkpointing(self, base_parameters: int) -> bool:
         """Unset means on from CHECKPOINTING_FROM_PARAMETERS: activations then dominate memory."""
@@ -240,6 +256,15 @@ class Evaluation(Model):
     )
     baseline: bool = Field(True, description="Evaluate the base model before training.")
     max_samples: int = Field(64, ge=1, le=100000, description="Held-out rows for generation.")
+    max_loss_samples: int = Field(
+        1000,
+        ge=1,
+        le=10000000,
+        description=(
+            "Validation examples (the first ones) the loss and perplexity before and after training "
+            "are computed on; bounds the baseline, which rank 0 runs alone while the others wait."
+        ),
+    )
     max_new_tokens: int = Field(64, ge=1, le=8192)
 
 

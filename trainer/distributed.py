@@ -7,6 +7,7 @@ trains with DDP. Rank 0 alone evaluates, merges, quantizes, pushes and reports s
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 from dataclasses import dataclass
@@ -35,12 +36,27 @@ def launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def init() -> None:
+COLLECTIVE_TIMEOUT_ENV = "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS"
+
+
+def collective_timeout(seconds: int) -> dt.timedelta:
+    """The spec's collective timeout, unless the environment sets one."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+    if value is not None:
+        try:
+            seconds = int(value)
+        except ValueError:
+            raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}: expected seconds, got {value!r}") from None
+    return dt.timedelta(seconds=seconds)
+
+
+def init(timeout: dt.timedelta | None = None) -> None:
+    """Join the process group; ``timeout`` bounds every collective (torch's default: 10 minutes)."""
     if world_size() > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group(backend, timeout=timeout)
 
 
 def barrier() -> None:

@@ -95,7 +95,8 @@ def evaluate(
     samples: list[tuple[str, str, str]] = []
     try:
         if validation and wanted & {"loss", "perplexity"}:
-            loss = validation_loss(model, validation, tokenizer.pad_token_id, batch_size)
+            examples = validation[: spec.max_loss_samples]
+            loss = validation_loss(model, examples, tokenizer.pad_token_id, batch_size)
             if "loss" in wanted:
                 metrics["loss"] = loss
             if "perplexity" in wanted:

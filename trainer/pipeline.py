@@ -65,7 +65,7 @@ def execute(
         reporter=reporter,
         run_id=run_id,
     )
-    distributed.init()
+    distributed.init(distributed.collective_timeout(job.spec.training.collective_timeout_seconds))
     if distributed.is_main():
         shutil.rmtree(ctx.staging, ignore_errors=True)
     try:
