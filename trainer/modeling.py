@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 
 from kubetune import api
 from kubetune.trainer import distributed
+from kubetune.validation import InvalidJob, Problem
 
 SAFE_LOAD: dict[str, Any] = {"use_safetensors": True}
 
@@ -21,15 +24,193 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    """bf16 where the GPU has it (auto), fp16 only on request; the CPU trains in fp32."""
-    if not torch.cuda.is_available():
-        return torch.float32
+# x86 flags of native bf16 matrix instructions: without them CPU bf16 autocast is emulated (slower).
+NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# Implementations that isolate examples flattened into one row, given restarting position_ids:
+# sdpa, eager and flex through masking_utils' packed-sequence mask, flash attention through varlen.
+MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def refuse(field: str, message: str) -> InvalidJob:
+    return InvalidJob("spec", [Problem(field, message)])
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo; empty where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype
+    why: str  # for the log
+
+
+def choose_precision(precision: str, *, cuda: bool, cuda_bf16: bool, flags: frozenset[str]) -> Precision:
+    """The compute dtype for ``training.precision`` on this hardware (pure).
+
+    auto: bf16 on GPUs that have it and on CPUs with native bf16 (AVX512-BF16 or AMX-BF16), else
+    fp32. bf16 is honoured on any CPU (emulated without those flags); fp16 needs a GPU.
+    """
+    field = "spec.training.precision"
+    if cuda:
+        if precision == "fp16":
+            return Precision(torch.float16, "fp16 on request")
+        if precision == "bf16" and not cuda_bf16:
+            raise refuse(field, "bf16, but this GPU has no bf16 support: use fp16, fp32 or auto")
+        if precision == "bf16" or (precision == "auto" and cuda_bf16):
+            return Precision(torch.bfloat16, "bf16 on the GPU")
+        return Precision(torch.float32, "fp32" + (" (this GPU has no bf16)" if precision == "auto" else ""))
+    native = sorted(NATIVE_BF16_CPU_FLAGS & flags)
     if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float32
+        raise refuse(field, "fp16 needs a GPU; on the CPU use auto, bf16 or fp32")
+    if precision == "bf16":
+        how = (
+            f"native: {', '.join(native)}"
+            if native
+            else "emulated: this CPU has no native bf16, expect it slower"
+        )
+        return Precision(torch.bfloat16, f"bf16 autocast on the CPU ({how})")
+    if precision == "auto" and native:
+        return Precision(torch.bfloat16, f"bf16 autocast on the CPU ({', '.join(native)})")
+    if precision == "auto":
+        return Precision(torch.float32, "fp32 (this CPU has no native bf16)")
+    return Precision(torch.float32, "fp32")
+
+
+def precision_of(precision: str) -> Precision:
+    cuda = torch.cuda.is_available()
+    return choose_precision(
+        precision,
+        cuda=cuda,
+        cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+        flags=frozenset() if cuda else cpu_flags(),
+    )
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """bf16 where the hardware has it (auto), fp16 only on request and on a GPU, else fp32."""
+    return precision_of(precision).dtype
+
+
+def choose_attention(requested: str, *, cuda: bool, flash_installed: dict[str, bool]) -> str | None:
+    """``attn_implementation`` for from_pretrained; None: transformers' default (sdpa if supported)."""
+    if requested == "auto":
+        return "flash_attention_2" if cuda and flash_installed.get("flash_attention_2") else None
+    if requested in FLASH_ATTENTION:
+        if not cuda:
+            raise refuse("spec.training.attention", f"{requested} needs a CUDA GPU; use auto, sdpa or eager")
+        if not flash_installed.get(requested):
+            package = "flash-attn" if requested == "flash_attention_2" else "flash-attn-3"
+            raise refuse("spec.training.attention", f"{requested}: {package} is not installed in this image")
+    return requested
+
+
+def flash_installed() -> dict[str, bool]:
+    from transformers.utils.import_utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    return {
+        "flash_attention_2": is_flash_attn_2_available(),
+        "flash_attention_3": is_flash_attn_3_available(),
+    }
+
+
+def attention_of(model: Any) -> str:
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def padding_free_blocker(model: Any) -> str | None:
+    """Why examples flattened into one row would see each other in ``model``; None if they would not.
+
+    Flash attention reads the boundaries from position_ids; sdpa, eager and flex attention get
+    them from ``transformers.masking_utils``, but only in models whose code builds its mask there.
+    Layers that mix tokens outside attention (recurrent state, causal convolutions, linear
+    attention) ignore the boundaries whatever the attention implementation.
+    """
+    attention = attention_of(model)
+    if attention not in FLASH_ATTENTION and attention not in MASK_ATTENTION:
+        return f"attention implementation {attention!r} is not known to keep flattened examples apart"
+    from transformers import masking_utils
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if getattr(base, "_is_stateful", False):
+        return f"{name} carries recurrent state from one token to the next"
+    for module in base.modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Conv1d) or kind.endswith(("LinearAttention", "LightningAttention")):
+            return f"{name} mixes tokens outside attention ({kind})"
+    code = sys.modules.get(type(base).__module__)
+    if (
+        attention in MASK_ATTENTION
+        and getattr(code, "create_causal_mask", None) is not masking_utils.create_causal_mask
+    ):
+        return f"{name} does not build its attention mask with transformers.masking_utils"
+    return None
+
+
+def choose_liger(
+    requested: bool | None, *, cuda: bool, installed: bool, model_type: str, supported: frozenset[str]
+) -> bool:
+    """Liger's Triton kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): a CUDA GPU only.
+
+    Unset: on where they can run (a GPU, liger-kernel installed, a model type it patches).
+    """
+    if requested is False:
+        return False
+    reason = (
+        "needs a CUDA GPU (Triton kernels)"
+        if not cuda
+        else "liger-kernel is not installed in this image"
+        if not installed
+        else f"liger-kernel has no kernels for model type {model_type!r}"
+        if model_type not in supported
+        else None
+    )
+    if reason is None:
+        return True
+    if requested:
+        raise refuse("spec.training.liger", reason)
+    return False
+
+
+def liger_of(requested: bool | None, model: Any) -> bool:
+    cuda = torch.cuda.is_available()
+    supported: frozenset[str] = frozenset()
+    installed = False
+    if cuda or requested:
+        from transformers.utils.import_utils import is_liger_kernel_available
+
+        installed = is_liger_kernel_available()
+        if installed:
+            from liger_kernel.transformers.monkey_patch import (  # type: ignore[import-untyped]
+                MODEL_TYPE_TO_APPLY_LIGER_FN,
+            )
+
+            supported = frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+    model_type = str(getattr(model.config, "model_type", ""))
+    return choose_liger(requested, cuda=cuda, installed=installed, model_type=model_type, supported=supported)
+
+
+def base_parameters(model: Any) -> int:
+    """Parameters of the base model: adapters left out, 4-bit weights counted unpacked."""
+    total = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        state = getattr(param, "quant_state", None)
+        total += state.shape.numel() if state is not None else param.numel()
+    return total
 
 
 def hub_options(spec: api.FineTuneJobSpec, source: str) -> dict[str, Any]:
@@ -76,7 +257,23 @@ def load_base(spec: api.FineTuneJobSpec, source: str, *, quantized: bool) -> Any
         # Full fine-tuning keeps fp32 master weights (mixed precision via autocast).
         frozen = spec.method != api.Method.FULL
         options["dtype"] = compute_dtype(spec.training.precision) if frozen else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(source, **options)
+    attention = choose_attention(
+        spec.training.attention, cuda=torch.cuda.is_available(), flash_installed=flash_installed()
+    )
+    if attention is not None:
+        options["attn_implementation"] = attention
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    except (ValueError, ImportError) as exc:
+        if (
+            spec.training.attention != "auto"
+            or attention is None
+            or "flash attention" not in str(exc).lower()
+        ):
+            raise
+        # auto chose flash attention for a model that does not support it: the default instead.
+        del options["attn_implementation"]
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
     model.config.use_cache = False
     return model
 
@@ -108,7 +305,8 @@ def trainable_model(spec: api.FineTuneJobSpec, source: str) -> Any:
 
     if spec.method == api.Method.QLORA:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.training.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=spec.training.resolved_gradient_checkpointing(base_parameters(model)),
         )
         keep_cpu_weights_trainable(model)
     return get_peft_model(model, lora_config(spec))

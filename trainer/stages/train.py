@@ -25,11 +25,17 @@ from kubetune.trainer.data import PackedCollator, PaddingCollator
 
 
 def training_arguments(
-    spec: api.FineTuneJobSpec, output_dir: Path, *, has_validation: bool
+    spec: api.FineTuneJobSpec, output_dir: Path, *, has_validation: bool, model: Any = None
 ) -> TrainingArguments:
-    """The spec's training section in transformers' terms (pure: no I/O happens here)."""
+    """The spec's training section in transformers' terms (pure: no I/O happens here).
+
+    ``model``, where given, settles what depends on it: gradient checkpointing by its size, Liger
+    kernels by its type.
+    """
     t = spec.training
     dtype = modeling.compute_dtype(t.precision)
+    checkpointing = t.resolved_gradient_checkpointing(modeling.base_parameters(model) if model else 0)
+    liger = modeling.liger_of(t.liger, model) if model is not None else bool(t.liger)
     evaluating = has_validation and t.eval_every is not None
     saving = t.checkpoint_every is not None or (evaluating and t.early_stopping is not None)
     save_steps = t.checkpoint_every or t.eval_every or 500
@@ -50,8 +56,9 @@ def training_arguments(
         max_steps=t.max_steps if t.max_steps is not None else -1,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        use_liger_kernel=liger,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=max(1, min(10, (t.max_steps or 100) // 20)),
@@ -133,17 +140,40 @@ def planned_steps(trainer: Trainer) -> int:
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
+def batches(ctx: RunContext) -> tuple[Sequence[Any], CountingCollator, str]:
+    """The training set, its collator, and the batch layout in words for the log.
+
+    Without packing, each batch keeps its examples and is flattened into one row with
+    position_ids restarting per example (no padding) where the model's attention keeps the
+    examples apart; padded batches only where it would not.
+    """
+    assert ctx.data is not None
+    pad = ctx.tokenizer.pad_token_id
+    if ctx.spec.training.packing:
+        # Flash attention isolates the examples of a row only when the batch is a single row.
+        flatten = modeling.attention_of(ctx.model) in modeling.FLASH_ATTENTION
+        layout = f"packed rows of up to {ctx.spec.training.max_seq_length} tokens"
+        return ctx.data.train_packed or [], CountingCollator(PackedCollator(pad, flatten=flatten)), layout
+    blocker = modeling.padding_free_blocker(ctx.model)
+    if blocker is None:
+        layout = "padding-free (each batch flattened into one row, position_ids restarting per example)"
+        return ctx.data.train, CountingCollator(PackedCollator(pad, flatten=True)), layout
+    return ctx.data.train, CountingCollator(PaddingCollator(pad)), f"padded: {blocker}"
+
+
 def run(ctx: RunContext) -> None:
     assert ctx.data is not None
     data, spec = ctx.data, ctx.spec
-    pad = ctx.tokenizer.pad_token_id
-    if spec.training.packing:
-        train_set: Sequence[Any] = data.train_packed or []
-        counter = CountingCollator(PackedCollator(pad))
-    else:
-        train_set = data.train
-        counter = CountingCollator(PaddingCollator(pad))
-    args = training_arguments(spec, ctx.workdir / "trainer", has_validation=bool(data.validation))
+    train_set, counter, layout = batches(ctx)
+    args = training_arguments(
+        spec, ctx.workdir / "trainer", has_validation=bool(data.validation), model=ctx.model
+    )
+    ctx.reporter.log(
+        f"train: {modeling.precision_of(spec.training.precision).why}; "
+        f"attention {modeling.attention_of(ctx.model)}; batches {layout}; "
+        f"gradient checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+        f"Liger kernels {'on' if args.use_liger_kernel else 'off'}"
+    )
     callbacks: list[TrainerCallback] = [ReportProgress(ctx, counter)]
     if args.load_best_model_at_end and spec.training.early_stopping is not None:
         stop = spec.training.early_stopping
