@@ -21,6 +21,7 @@ import binascii
 import contextlib
 import functools
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -83,12 +84,24 @@ _SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_BLOCK = 4 * MiB
 _DELETE_BATCH = 1000
 _MAX_PARTS = 10_000
+_DEFAULT_PART = 64 * MiB
 # Read size of a download stream; large reads keep the per-byte Python overhead small.
-_STREAM_BLOCK = 1 * MiB
-# Bytes of a multipart download held in memory ahead of the hashing frontier, per file.
-_HOLD_AHEAD = 16 * MiB
+_STREAM_BLOCK = 4 * MiB
+
+
+class _StreamCutError(ConnectionError):
+    """The server closed the connection before the whole body came."""
+
+
 # A body cut off mid-stream, after botocore's retries of the request itself.
-_STREAM_ERRORS = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError, ConnectionError)
+_STREAM_ERRORS = (
+    ResponseStreamingError,
+    ReadTimeoutError,
+    IncompleteReadError,
+    ConnectionError,
+    TimeoutError,
+    http.client.IncompleteRead,
+)
 # Everything boto3 and s3transfer raise for a failed request or transfer; all become StorageError.
 _TRANSFER_ERRORS = (ClientError, BotoCoreError, OSError, TransferNotDoneError, RetriesExceededError)
 
@@ -311,10 +324,14 @@ class StorageConfig(BaseModel):
         ge=5 * MiB,
         description="Files this large or larger move in parts; smaller ones in one request.",
     )
-    multipart_chunksize: int = Field(
-        64 * MiB,
+    multipart_chunksize: int | None = Field(
+        None,
         ge=5 * MiB,
-        description="Part size. An upload holds up to max_concurrency parts in memory.",
+        description=(
+            "Part size. None: 64 MiB parts for uploads (an upload holds up to max_concurrency parts "
+            "in memory); for downloads parts of at least 64 MiB, as few as keep max_concurrency "
+            "requests busy across the transfer's large files."
+        ),
     )
     retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
     max_attempts: int = Field(8, ge=1, le=50, description="Attempts per request, the first included.")
@@ -351,7 +368,7 @@ class StorageConfig(BaseModel):
     def transfer_config(self) -> TransferConfig:
         return TransferConfig(
             multipart_threshold=self.multipart_threshold,
-            multipart_chunksize=self.multipart_chunksize,
+            multipart_chunksize=self.multipart_chunksize or _DEFAULT_PART,
             max_concurrency=self.max_concurrency,
             use_threads=True,
         )
@@ -404,11 +421,8 @@ class Transfer:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
     with Path(path).open("rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # reads into one reused buffer
 
 
 def _b64_to_hex(value: str) -> str | None:
@@ -529,43 +543,55 @@ class _TaskGroup:
 
 class _OrderedHasher:
     """SHA-256 of a file whose blocks are written out of order by parallel ranged GETs, taken
-    while the file is written: the block at the frontier is hashed from memory as it arrives,
-    blocks ahead of it are held (up to ``hold`` bytes) or, past that, read back from the file
-    (still in the page cache) once the frontier reaches them. One thread hashes at a time."""
+    while the file is written: the block at the frontier is hashed from the caller's buffer as it
+    arrives; blocks ahead of it are read back from the file (still in the page cache, into one
+    reused buffer) once the frontier reaches them. One thread hashes at a time. A block must be
+    written to the file before it is added."""
 
-    def __init__(self, fd: int, hold: int) -> None:
+    def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._hold = hold
         self._digest = hashlib.sha256()
         self._next = 0
-        self._ahead: dict[int, bytes | int] = {}
-        self._held = 0
+        self._ahead: dict[int, int] = {}  # offset -> length of blocks written past the frontier
         self._busy = False
         self._lock = threading.Lock()
+        self._buffer: memoryview | None = None
 
-    def add(self, offset: int, block: bytes) -> None:
+    def add(self, offset: int, block: bytes | memoryview) -> None:
+        size = len(block)
         with self._lock:
-            if self._held + len(block) <= self._hold or offset == self._next:
-                self._ahead[offset] = block
-                self._held += len(block)
-            else:
-                self._ahead[offset] = len(block)
-            if self._busy:
-                return
+            direct = not self._busy and offset == self._next
+            if not direct:
+                self._ahead[offset] = size
+                if self._busy:
+                    return
             self._busy = True
+        if direct:
+            self._digest.update(block)
+            with self._lock:
+                self._next = offset + size
         while True:
             with self._lock:
                 start = self._next
-                item = self._ahead.pop(start, None)
-                if item is None:
+                length = self._ahead.pop(start, None)
+                if length is None:
                     self._busy = False
                     return
-                if isinstance(item, bytes):
-                    self._held -= len(item)
-            data = item if isinstance(item, bytes) else _pread_exact(self._fd, item, start)
-            self._digest.update(data)
+            self._digest.update(self._read_back(start, length))
             with self._lock:
-                self._next = start + len(data)
+                self._next = start + length
+
+    def _read_back(self, offset: int, length: int) -> memoryview:
+        if self._buffer is None or len(self._buffer) < length:
+            self._buffer = memoryview(bytearray(length))
+        view = self._buffer[:length]
+        got = 0
+        while got < length:
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n == 0:
+                raise OSError(f"unexpected end of file at byte {offset + got}")
+            got += n
+        return view
 
     @property
     def hashed(self) -> int:
@@ -592,12 +618,43 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+class _BodyReader:
+    """Reads a GET's body into the caller's buffer. Beneath botocore's StreamingBody and urllib3's
+    HTTPResponse lies the standard library's HTTPResponse, whose readinto() lets the socket fill
+    the buffer directly: no new bytes object (and no fresh pages to fault in) per block. Where
+    the layers are not the expected ones, it falls back to StreamingBody.read()."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+        raw = getattr(body, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        identity = raw is not None and raw.headers.get("Content-Encoding", "identity") == "identity"
+        self._raw = raw if isinstance(fp, http.client.HTTPResponse) and identity else None
+        self._fp: http.client.HTTPResponse | None = fp if self._raw is not None else None
+
+    def readinto(self, view: memoryview) -> int:
+        if self._fp is not None:
+            n = self._fp.readinto(view)
+        else:
+            data = self._body.read(len(view))
+            n = len(data)
+            view[:n] = data
+        if n == 0 and len(view):
+            raise _StreamCutError(f"the connection closed with {len(view)} or more bytes of the body unread")
+        return n
+
+    def close(self) -> None:
+        if self._fp is not None and self._fp.isclosed() and self._raw is not None:
+            self._raw.release_conn()  # read to the end: the connection goes back to the pool
+        self._body.close()
 
 
 def _part_ranges(size: int, threshold: int, chunk: int) -> list[tuple[int, int]]:
@@ -995,8 +1052,18 @@ class ObjectStore:
             return {"ChecksumAlgorithm": algorithm}
         return {}
 
-    def _ranges(self, size: int) -> list[tuple[int, int]]:
-        return _part_ranges(size, self.config.multipart_threshold, self.config.multipart_chunksize)
+    def _upload_ranges(self, size: int) -> list[tuple[int, int]]:
+        chunk = self.config.multipart_chunksize or _DEFAULT_PART
+        return _part_ranges(size, self.config.multipart_threshold, chunk)
+
+    def _download_ranges(self, size: int, large_files: int) -> list[tuple[int, int]]:
+        chunk = self.config.multipart_chunksize
+        if chunk is None:
+            # Fewer, larger ranged GETs cost both ends less per byte; split a file only as far as
+            # it takes to keep max_concurrency requests busy across the transfer's large files.
+            per_file = -(-self.config.max_concurrency // max(1, large_files))
+            chunk = max(_DEFAULT_PART, -(-size // per_file))
+        return _part_ranges(size, self.config.multipart_threshold, chunk)
 
     def download_file(
         self, uri: URILike, dest: str | os.PathLike[str], *, progress: ProgressCallback | None = None
@@ -1072,12 +1139,14 @@ class ObjectStore:
                     f.size if f.size is not None else f.src.path.stat().st_size for f in fetches
                 )
         inflight: list[_FileDownload] = []
+        large = sum(1 for f in fetches if f.src.is_s3 and (f.size or 0) >= self.config.multipart_threshold)
         group = _TaskGroup(self.config.max_concurrency)
         try:
             for index, fetch in enumerate(fetches):
-                group.submit(
-                    functools.partial(self._start_download, index, fetch, results, inflight, group, progress)
+                start = functools.partial(
+                    self._start_download, index, fetch, large, results, inflight, group, progress
                 )
+                group.submit(start)
             group.wait()
         except BaseException:
             for state in inflight:
@@ -1091,6 +1160,7 @@ class ObjectStore:
         self,
         index: int,
         fetch: _Fetch,
+        large_files: int,
         results: list[Transfer | None],
         inflight: list[_FileDownload],
         group: _TaskGroup,
@@ -1117,10 +1187,8 @@ class ObjectStore:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-        ranges = self._ranges(fetch.size)
-        state = _FileDownload(
-            fetch, fetch.size, tmp, fd, _OrderedHasher(fd, hold=_HOLD_AHEAD), parts_left=len(ranges)
-        )
+        ranges = self._download_ranges(fetch.size, large_files)
+        state = _FileDownload(fetch, fetch.size, tmp, fd, _OrderedHasher(fd), parts_left=len(ranges))
         inflight.append(state)  # list.append is atomic; read only after every task has ended
         for start, end in ranges[1:]:
             group.submit(
@@ -1156,6 +1224,7 @@ class ObjectStore:
         src = state.fetch.src
         whole = start == 0 and end == state.size
         offset, attempt = start, 0
+        buffer = memoryview(bytearray(max(1, min(_STREAM_BLOCK, end - start))))
         with self._errors("download", src):
             while True:
                 args: dict[str, Any] = {"Bucket": src.bucket, "Key": src.key}
@@ -1164,16 +1233,16 @@ class ObjectStore:
                 if state.fetch.etag:
                     args["IfMatch"] = state.fetch.etag  # parts of two versions are never stitched together
                 resp: dict[str, Any] = dict(self._client.get_object(**args))
-                body = resp.pop("Body")
+                body = _BodyReader(resp.pop("Body"))
                 if state.response is None:
                     state.response = resp
                 try:
                     while offset < end and not group.failed:
-                        block = body.read(min(_STREAM_BLOCK, end - offset))
-                        _pwrite_all(state.fd, block, offset)
-                        state.hasher.add(offset, block)
-                        offset += len(block)
-                        progress.add(len(block))
+                        n = body.readinto(buffer[: min(len(buffer), end - offset)])
+                        _pwrite_all(state.fd, buffer[:n], offset)
+                        state.hasher.add(offset, buffer[:n])
+                        offset += n
+                        progress.add(n)
                     break
                 except _STREAM_ERRORS as exc:
                     # botocore retries requests; a body cut off mid-stream resumes here where it broke.
@@ -1345,7 +1414,7 @@ class ObjectStore:
                 log.info("uploaded %s -> %s (%d bytes)", src, dest, size)
                 results[index] = Transfer(parse_uri(src), dest, size, sha, skipped=False)
                 return
-            ranges = self._ranges(size)
+            ranges = self._upload_ranges(size)
             fd = os.open(src, os.O_RDONLY)
             try:
                 created = self._client.create_multipart_upload(Bucket=dest.bucket, Key=dest.key, **args)

@@ -27,16 +27,16 @@ def test_part_ranges_cover_the_file_once() -> None:
     assert len(huge) <= 10_000 and huge[-1][1] == 200_000 * MiB
 
 
-@pytest.mark.parametrize("hold", [0, 3000, 10**9])
-def test_blocks_added_in_any_order_hash_like_the_file(tmp_path: Path, hold: int) -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_blocks_added_in_any_order_hash_like_the_file(tmp_path: Path, seed: int) -> None:
     data = os.urandom(200_000)
     blocks = [(o, data[o : o + 1000]) for o in range(0, len(data), 1000)]
-    random.Random(hold).shuffle(blocks)
+    random.Random(seed).shuffle(blocks)
     path = tmp_path / "f"
     path.write_bytes(b"")
     fd = os.open(path, os.O_RDWR)
     try:
-        hasher = _OrderedHasher(fd, hold=hold)
+        hasher = _OrderedHasher(fd)
         lock = threading.Lock()
 
         def worker(share: list[tuple[int, bytes]]) -> None:
@@ -61,7 +61,7 @@ def test_a_gap_stops_the_hash_at_the_gap(tmp_path: Path) -> None:
     path.write_bytes(bytes(3000))
     fd = os.open(path, os.O_RDONLY)
     try:
-        hasher = _OrderedHasher(fd, hold=0)
+        hasher = _OrderedHasher(fd)
         hasher.add(0, bytes(1000))
         hasher.add(2000, bytes(1000))  # 1000-2000 never came
         assert hasher.hashed == 1000
