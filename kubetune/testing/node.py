@@ -318,6 +318,8 @@ def _cni_config(layout: Layout) -> dict[str, object]:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": str(POD_SUBNET), "gateway": GATEWAY}]],
+                    # Through the host: the Service IP is DNATed there; the rest is dropped.
+                    "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": str(layout.dir / "cni-ipam"),
                 },
             }
