@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -43,7 +42,11 @@ def toy_context(tmp_path: Path, dtype: torch.dtype) -> RunContext:
     adapted = get_peft_model(
         base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
     )
-    job = tiny_job(export={"merge": True})
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    job = tiny_job(
+        export={"merge": True},
+        training={"maxSteps": 1, "maxSeqLength": 32, "precision": precision},
+    )
     ctx = RunContext(
         job=job,
         workdir=tmp_path / "work",
@@ -62,10 +65,9 @@ def toy_context(tmp_path: Path, dtype: torch.dtype) -> RunContext:
     return ctx
 
 
-def test_bf16_merge_passes_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # On a GPU precision auto means bf16; this machine has none, so choose it for the CPU.
-    monkeypatch.setattr(modeling, "compute_dtype", lambda precision: torch.bfloat16)
-    ctx = toy_context(tmp_path, torch.bfloat16)
+def test_bf16_merge_passes_the_check(tmp_path: Path) -> None:
+    ctx = toy_context(tmp_path, torch.bfloat16)  # precision bf16, as auto is on GPUs
+    assert modeling.compute_dtype(ctx.spec.training.precision) == torch.bfloat16
     merge.run(ctx)
     # An absolute bound of 0.05 on the largest logit difference failed exactly this merge.
     assert ctx.checks["merge_max_abs_logit_diff"] > 0.05

@@ -1,6 +1,8 @@
 """merge: fold the adapter into full-precision base weights and check the result agrees.
 
-For QLoRA the base is loaded again in 16/32-bit, not the 4-bit copy that was trained on:
+The merge runs on the CPU, one safetensors shard of the base at a time (``merging``): host
+memory stays near one shard whatever the model's size, and no GPU is needed. For QLoRA the
+adapter goes into the original 16-bit weights, not the 4-bit copy that was trained on:
 merging into quantized weights would round the adapter's update away.
 
 The check compares the merged model's next-token distributions with base + adapter's on a
@@ -11,13 +13,15 @@ so an exact merge differs by that much from the unmerged sum in places.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kubetune import api
-from kubetune.trainer import modeling
+from kubetune.trainer import merging, modeling
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data import PaddingCollator
 
@@ -61,26 +65,83 @@ def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> Agreement:
 def run(ctx: RunContext) -> None:
     if ctx.spec.method == api.Method.FULL or not ctx.spec.export.merge:
         return
-    from peft import PeftModel
-
     assert ctx.model_source is not None and ctx.data is not None
-    base = modeling.load_base(ctx.spec, ctx.model_source, quantized=False).to(modeling.device())
-    adapted = PeftModel.from_pretrained(base, ctx.staging / "adapter")
+    spec, target, adapter = ctx.spec, ctx.staging / "merged", ctx.staging / "adapter"
+    dtype = modeling.compute_dtype(spec.training.precision)
+    base_dir = checkpoint_dir(spec, ctx.model_source)
+    try:
+        report = merging.merge_shards(base_dir, adapter, target, dtype=dtype)
+        ctx.reporter.log(
+            f"merged the adapter on the CPU, {report.shards} shard(s) one at a time "
+            f"({report.merged} weights updated, {report.replaced} replaced)"
+        )
+    except merging.UnsupportedAdapter as why:
+        ctx.reporter.log(
+            f"merging the whole model in memory: the shard merge does not handle this adapter ({why})"
+        )
+        _merge_in_memory(ctx, adapter, target)
     probe = PaddingCollator(ctx.tokenizer.pad_token_id)((ctx.data.validation or ctx.data.train)[:8])
-    before = _logits(adapted, probe)
-    merged = adapted.merge_and_unload()
-    found = agreement(before, _logits(merged, probe))
+    found = check(ctx, probe, target)
     ctx.checks["merge_max_abs_logit_diff"] = found.max_abs
     ctx.checks["merge_kl"] = found.kl
     ctx.checks["merge_top1_agreement"] = found.top1
-    dtype = next(merged.parameters()).dtype
     if (problem := found.problem(dtype)) is not None:
         raise RuntimeError(problem)
     ctx.reporter.log(
-        f"merged adapter into the {dtype} base (mean KL {found.kl:.2g}, top-1 agreement {found.top1:.1%})"
+        f"merged model ({dtype}) agrees with base + adapter: mean KL {found.kl:.2g}, "
+        f"top-1 agreement {found.top1:.1%}"
     )
-    merged.save_pretrained(ctx.staging / "merged", safe_serialization=True)
-    ctx.tokenizer.save_pretrained(ctx.staging / "merged")
+    ctx.tokenizer.save_pretrained(target)
+
+
+def checkpoint_dir(spec: api.FineTuneJobSpec, source: str) -> Path:
+    """The base's files on local disk: the fetched directory, or the hub's cached snapshot."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    options = modeling.hub_options(spec, source)
+    return Path(
+        snapshot_download(
+            source,
+            revision=options.get("revision"),
+            token=options.get("token"),
+            allow_patterns=["*.safetensors", "*.json"],
+        )
+    )
+
+
+def check(ctx: RunContext, probe: dict[str, torch.Tensor], merged_dir: Path) -> Agreement:
+    """Base + adapter against the written merge, one model in memory at a time. On a GPU the
+    models are dispatched by accelerate (what does not fit goes to host memory, then disk)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert ctx.model_source is not None
+    dtype = modeling.compute_dtype(ctx.spec.training.precision)
+    placement: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        placement = {"device_map": "auto", "offload_folder": str(ctx.workdir / "offload")}
+    options = modeling.hub_options(ctx.spec, ctx.model_source) | modeling.SAFE_LOAD | placement
+    base = AutoModelForCausalLM.from_pretrained(ctx.model_source, dtype=dtype, **options)
+    reference = _logits(PeftModel.from_pretrained(base, ctx.staging / "adapter"), probe)
+    del base
+    gc.collect()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, **modeling.SAFE_LOAD, **placement)
+    candidate = _logits(merged, probe)
+    del merged
+    gc.collect()
+    return agreement(reference, candidate)
+
+
+def _merge_in_memory(ctx: RunContext, adapter: Path, target: Path) -> None:
+    """peft's own merge of the whole model, on the CPU."""
+    from peft import PeftModel
+
+    assert ctx.model_source is not None
+    base = modeling.load_base(ctx.spec, ctx.model_source, quantized=False)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.save_pretrained(target, safe_serialization=True)
 
 
 @torch.no_grad()
