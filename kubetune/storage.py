@@ -1,11 +1,13 @@
 """Object storage for models, data and artifacts: ``s3://bucket/key``, ``file://`` URIs and local paths.
 
 One small interface, :class:`ObjectStore`, over S3-compatible storage (AWS S3, MinIO, Ceph, R2)
-and the local filesystem. Transfers go through boto3's transfer manager (multipart, concurrent
-parts, retries from botocore). Integrity is checked end to end: every object written here carries
-the SHA-256 of its content in its metadata (``x-amz-meta-sha256``) and is sent with an S3
-flexible checksum, so the server rejects bytes damaged in transit; every download is hashed
-and compared before it is made visible. Nothing half-written is ever visible: S3 shows an
+and the local filesystem. Transfers run files and parts in parallel on a thread pool over one
+boto3 client: one request per small file, large parts for large files, botocore's retries for
+every request and a resumed Range GET for a body cut off mid-stream. Integrity is checked end
+to end: every object written here carries the SHA-256 of its content in its metadata
+(``x-amz-meta-sha256``) and is sent with an S3 flexible checksum, so the server rejects bytes
+damaged in transit; every download is hashed as it is written and compared before it is made
+visible. Nothing half-written is ever visible: S3 shows an
 object only once its PUT or multipart upload completes, and local files are written to a
 temporary file in the same directory and renamed into place.
 
