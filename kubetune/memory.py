@@ -39,6 +39,8 @@ NF4_BYTES = (4 + 32 / 64) / 8  # fp32 absmax per 64
 INT8_BYTES = 1 + 4 / 4096  # int8 codes and a row statistic (LLM.int8)
 
 Strategy = Literal["ddp", "fsdp"]
+# The plan sizes FSDP as FSDP2 shards; the trainer itself does not shard yet.
+FSDP_NOT_YET = "planned for fsdp; the trainer does not shard yet and trains with ddp"
 
 _SUFFIXES: dict[str, float] = {
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
@@ -301,6 +303,8 @@ class Plan:
             f"{self.model} {self.method}: {gib(self.peak)} per {unit} of {gib(self.budget)} "
             f"({where}): {'fits' if self.fits else 'does not fit'}"
         )
+        if self.strategy == "fsdp":
+            head += f" ({FSDP_NOT_YET})"
         if self.fits or not self.suggestions:
             return head
         return f"{head}; would fit with: {'; '.join(self.suggestions)}"
@@ -502,7 +506,7 @@ def _suggestions(spec: api.FineTuneJobSpec, arch: Architecture, plan: Plan) -> l
     t, r = spec.training, spec.resources
     if plan.strategy == "ddp" and processes(spec) > 1 and fits(training__strategy="fsdp"):
         out.append("training.strategy: fsdp")
-    if spec.resources.gpus > 0:
+    if spec.resources.gpus > 0 and not out:
         for gpus in (2, 4, 8):
             if gpus > r.gpus and fits(resources__gpus=gpus, training__strategy="fsdp"):
                 out.append(f"resources.gpus: {gpus} with training.strategy: fsdp")
