@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from kubetune.storage import ObjectStore, StorageConfig, StorageCredentials
 from kubetune.testing.s3 import S3Server
 from kubetune.trainer import presets
+from kubetune.trainer.stages import merge
 
 from .conftest import tiny_job
 
@@ -147,7 +148,10 @@ def test_artifacts_reload_from_s3(s3_server: S3Server, s3_bucket: str, tmp_path:
     adapted = PeftModel.from_pretrained(base, local / "adapter")
     ids = torch.tensor([[1, 300, 301, 302]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
+        # The merged weights are in the compute dtype (bf16 where the CPU has it): judged in fp32
+        # by the merge stage's own criterion.
+        found = merge.agreement(adapted(ids).logits[0], merged(ids).logits[0])
+    assert found.problem(merged.dtype) is None, found
 
 
 def test_storage_credentials_from_a_secret_mapping_never_print(s3_server: S3Server) -> None:
