@@ -282,8 +282,19 @@ class Output(Model):
 class Resources(Model):
     gpus: int = Field(1, ge=0, le=64, description="GPUs per node.")
     nodes: int = Field(1, ge=1, le=1024)
-    cpu: Quantity | None = None
-    memory: Quantity | None = None
+    cpu: Quantity | None = Field(
+        None, description="CPU request and limit per node; unset: a request of 1, no limit."
+    )
+    memory: Quantity | None = Field(
+        None, description="Memory request and limit per node; unset: a request of 4Gi, no limit."
+    )
+    scratch: Quantity | None = Field(
+        None,
+        description=(
+            "Local disk per node for the model, data, checkpoints and artifacts: the scratch "
+            "volume's sizeLimit and the ephemeral-storage request. Unset: a 100Gi limit, a 10Gi request."
+        ),
+    )
     gpu_memory: Quantity = Field(
         "80Gi",
         description="Memory of one GPU: the memory plan (kubetune plan, the MemoryPlan condition) "
@@ -339,6 +350,24 @@ class FineTuneJobSpec(Model):
     storage: Storage = Field(default_factory=Storage)
     image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = None
     backoff_limit: int = Field(2, ge=0, le=100, description="Retries of the trainer.")
+    disruption_limit: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description=(
+            "Attempts ended by preemption, eviction or a lost peer node that are retried without "
+            "counting against backoffLimit; one more fails the job (DisruptionLimitExceeded)."
+        ),
+    )
+    termination_grace_period_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=86400,
+        description=(
+            "Seconds the trainer gets after SIGTERM (preemption, drain, suspend) to save a "
+            "checkpoint; unset: the operator's default (120)."
+        ),
+    )
     active_deadline_seconds: int | None = Field(None, ge=1)
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     suspend: bool = Field(False, description="Hold the job, or stop it while it runs.")

@@ -125,6 +125,22 @@ def operator_command(
     ] = None,
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics.")] = 8080,
     health_port: Annotated[int, typer.Option(help="Port of /healthz.")] = 8081,
+    allowed_image: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="KUBETUNE_ALLOWED_IMAGES",
+            help="An image pattern spec.image may match (repeatable; * is any text). "
+            "Default: the trainer image's repository.",
+        ),
+    ] = None,
+    secrets_namespace: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="KUBETUNE_SECRETS_NAMESPACES",
+            help="A namespace whose jobs may inject spec.credentials Secrets (repeatable; * for all). "
+            "Default: none.",
+        ),
+    ] = None,
 ) -> None:
     """Run the FineTuneJob operator."""
     from kubetune.operator.main import run_operator
@@ -138,6 +154,8 @@ def operator_command(
             trainer_image=trainer_image,
             metrics_port=metrics_port,
             health_port=health_port,
+            allowed_images=allowed_image or [],
+            secrets_namespaces=secrets_namespace or [],
         )
     )
 

@@ -141,6 +141,8 @@ def run_operator(
     kubeconfig: str | None = None,
     peering: str | None = None,
     log_format: str | None = None,
+    allowed_images: Sequence[str] = (),
+    secrets_namespaces: Sequence[str] = (),
 ) -> int:
     """Run the operator in this process until SIGTERM or SIGINT; the exit code."""
     fmt = (log_format or os.environ.get("KUBETUNE_LOG_FORMAT") or "full").upper()
@@ -150,6 +152,8 @@ def run_operator(
     config = planning.OperatorConfig(
         trainer_image=trainer_image or planning.DEFAULT_TRAINER_IMAGE,
         gpu_resource=gpu_resource or os.environ.get("KUBETUNE_GPU_RESOURCE") or planning.DEFAULT_GPU_RESOURCE,
+        allowed_images=tuple(allowed_images),
+        secrets_namespaces=tuple(secrets_namespaces),
     )
     try:
         client = api_client(kubeconfig)

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE
 
-from .planning import TRAINER_CONTAINER
+from .planning import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (p.value for p in api.Phase)
 TERMINAL = frozenset({SUCCEEDED, FAILED})
@@ -174,12 +174,48 @@ def _unschedulable(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def _disrupted(pod: Mapping[str, Any]) -> bool:
+    """Ended (or ending) by preemption, eviction or a lost peer: what the Job does not count."""
+    if any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    ):
+        return _phase(pod) == "Failed" or bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+    return _phase(pod) == "Failed" and _terminated(pod).get("exitCode") == PEER_LOST_EXIT_CODE
+
+
+def disruptions(pods: Sequence[Mapping[str, Any]]) -> int:
+    """Attempts lost to disruptions: the most disrupted pods of any one node (completion index).
+
+    One preempted node of a multi-node job ends its own pod (DisruptionTarget) and every peer's
+    (peer lost): that is one disruption on each index, not one per pod.
+    """
+    per_index: dict[str, int] = {}
+    for pod in pods:
+        if _disrupted(pod):
+            index = ((pod.get("metadata") or {}).get("annotations") or {}).get(
+                COMPLETION_INDEX_ANNOTATION, "0"
+            )
+            per_index[index] = per_index.get(index, 0) + 1
+    return max(per_index.values(), default=0)
+
+
 def _created(pod: Mapping[str, Any]) -> str:
     return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
 
 
 def _phase(pod: Mapping[str, Any]) -> str:
     return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def _disruption(pod: Mapping[str, Any]) -> str:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+            detail = str(c.get("message") or "").strip()
+            return f"was disrupted ({c.get('reason') or 'DisruptionTarget'})" + (
+                f": {detail}" if detail else ""
+            )
+    return f"lost a peer node (exit code {PEER_LOST_EXIT_CODE})"
 
 
 def _failure(pod: Mapping[str, Any]) -> str:
@@ -232,6 +268,17 @@ def assess(
     for kind in ("Failed", "FailureTarget"):
         if kind in true:
             return _failed(true[kind], failed_pods[-1] if failed_pods else None, spec, job_status)
+    disrupted = disruptions(pods)
+    if disrupted > spec.disruption_limit:
+        last = next((p for p in reversed(pods) if _disrupted(p)), None)
+        why = _disruption(last) if last is not None else "disrupted"
+        return Assessment(
+            FAILED,
+            "DisruptionLimitExceeded",
+            f"the trainer was disrupted {disrupted} time(s), more than spec.disruptionLimit "
+            f"({spec.disruption_limit}); the last time it {why}. Evictions for node pressure "
+            "repeat: raise spec.resources (memory, scratch) or move the job to other nodes",
+        )
 
     if (job.get("spec") or {}).get("suspend") or "Suspended" in true:
         if spec.suspend:

@@ -7,6 +7,7 @@ safe to rerun after a crash at any point: what already exists is found by name.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.metadata
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_CONTAINER = "trainer"
@@ -28,6 +29,12 @@ SCRATCH_DIR = "/var/cache/kubetune"
 TRAINER_UID = 1000
 MASTER_PORT = 29500
 TRAINER_METRICS_PORT = 9400  # the trainer's /metrics (KUBETUNE_METRICS_PORT's default)
+# Without spec.resources: a Burstable pod (never BestEffort, the first evicted) and a bounded
+# scratch disk (a full node disk evicts every pod on the node, not only this one).
+DEFAULT_CPU_REQUEST = "1"
+DEFAULT_MEMORY_REQUEST = "4Gi"
+DEFAULT_SCRATCH_LIMIT = "100Gi"
+DEFAULT_SCRATCH_REQUEST = "10Gi"
 
 MANAGER = "kubetune-operator"
 LABEL_NAME = "app.kubernetes.io/name"
@@ -67,6 +74,57 @@ class OperatorConfig:
     gpu_resource: str = DEFAULT_GPU_RESOURCE
     image_pull_policy: str = "IfNotPresent"
     termination_grace_seconds: int = 120
+    # spec.image must match one of these shell patterns (fnmatch); empty: the trainer image's
+    # repository, any tag or digest. "*" allows every image.
+    allowed_images: tuple[str, ...] = ()
+    # Namespaces whose FineTuneJobs may name spec.credentials Secrets (injected as env);
+    # "*" is every namespace. Empty: none may.
+    secrets_namespaces: tuple[str, ...] = ()
+
+    def image_patterns(self) -> tuple[str, ...]:
+        if self.allowed_images:
+            return self.allowed_images
+        repository = _repository(self.trainer_image)
+        return (self.trainer_image, f"{repository}:*", f"{repository}@*")
+
+
+def _repository(image: str) -> str:
+    """The image reference without its tag or digest (pure)."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def image_allowed(image: str, config: OperatorConfig) -> bool:
+    return any(fnmatch.fnmatchcase(image, pattern) for pattern in config.image_patterns())
+
+
+def admission(job: api.FineTuneJob, config: OperatorConfig) -> tuple[str, str] | None:
+    """Why the operator refuses to run ``job`` (a reason and a message), or None (pure).
+
+    Anyone who may create a FineTuneJob would otherwise run any image, with any Secret of the
+    namespace in its environment: the operator's configuration decides both.
+    """
+    spec = job.spec
+    if spec.image is not None and not image_allowed(spec.image, config):
+        allowed = ", ".join(config.image_patterns())
+        return (
+            "ImageNotAllowed",
+            f"spec.image {spec.image} is not allowed by the operator (allowed: {allowed}); "
+            "ask the cluster admin to add it to the chart's trainer.allowedImages",
+        )
+    secrets = [s for s in (spec.credentials.storage_secret, spec.credentials.hugging_face_secret) if s]
+    allowed_ns = config.secrets_namespaces
+    if secrets and "*" not in allowed_ns and job.metadata.namespace not in allowed_ns:
+        return (
+            "CredentialsNotAllowed",
+            f"spec.credentials names Secret(s) {', '.join(secrets)}, but the operator injects Secrets "
+            f"only for namespaces it is configured for (chart value trainer.secretsNamespaces); "
+            f"{job.metadata.namespace} is not one of them. Use workload identity (IRSA, GKE "
+            "Workload Identity) or ask the cluster admin to allow this namespace",
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -273,9 +331,10 @@ def trainer_rules(name: str) -> list[dict[str, Any]]:
     ]
 
 
-def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names) -> list[dict[str, Any]]:
+def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names, grace: int) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": owner.namespace},
+        {"name": "KUBETUNE_GRACE_SECONDS", "value": str(grace)},
         {"name": "KUBETUNE_JOB_NAME", "value": owner.name},
         {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
         {"name": "HOME", "value": SCRATCH_DIR},
@@ -311,9 +370,16 @@ def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names) -> list[dict[str
 def _resources(spec: api.FineTuneJobSpec, config: OperatorConfig) -> dict[str, Any]:
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    for key, value in (("cpu", spec.resources.cpu), ("memory", spec.resources.memory)):
+    for key, value, default in (
+        ("cpu", spec.resources.cpu, DEFAULT_CPU_REQUEST),
+        ("memory", spec.resources.memory, DEFAULT_MEMORY_REQUEST),
+    ):
         if value:
             requests[key] = limits[key] = value
+        else:
+            requests[key] = default
+    # The scratch volume's sizeLimit bounds what is written; the request reserves it on the node.
+    requests["ephemeral-storage"] = spec.resources.scratch or DEFAULT_SCRATCH_REQUEST
     if spec.resources.gpus:
         # Extended resources are never overcommitted: the limit alone sets the request too.
         limits[config.gpu_resource] = str(spec.resources.gpus)
@@ -328,12 +394,13 @@ def _resources(spec: api.FineTuneJobSpec, config: OperatorConfig) -> dict[str, A
 def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: OperatorConfig) -> dict[str, Any]:
     queue = spec.scheduling.queue_name
     pod_labels = labels(owner)
+    grace = spec.termination_grace_period_seconds or config.termination_grace_seconds
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": spec.image or config.trainer_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": ["kubetune", "trainer", "--config", CONFIG_PATH],
-        "env": _env(spec, owner, names),
+        "env": _env(spec, owner, names, grace),
         "resources": _resources(spec, config),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -368,7 +435,7 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
         "serviceAccountName": names.service_account,
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": config.termination_grace_seconds,
+        "terminationGracePeriodSeconds": grace,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": TRAINER_UID,
@@ -379,7 +446,7 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": names.config_map}},
-            {"name": "scratch", "emptyDir": {}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": spec.resources.scratch or DEFAULT_SCRATCH_LIMIT}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
@@ -415,6 +482,16 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
                         "containerName": TRAINER_CONTAINER,
                         "operator": "In",
                         "values": [CONFIG_ERROR_EXIT_CODE],
+                    },
+                },
+                # Another node of the job went away: not this pod's fault either. The operator
+                # bounds these retries with spec.disruptionLimit.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [PEER_LOST_EXIT_CODE],
                     },
                 },
             ]

@@ -89,10 +89,13 @@ class Reconciler:
             job_model = planning.parse(body)
         except ValidationError as error:
             return self._invalid(body, status, generation, error)
+        started = bool(status.get("startTime"))
+        refused = None if started else planning.admission(job_model, self.config)
+        if refused is not None:
+            return self._fail(body, status, generation, *refused)
         plan = planning.plan(job_model, self.config)
         uid = body["metadata"]["uid"]
 
-        started = bool(status.get("startTime"))
         conflict = None
         for obj in plan.prerequisites():
             child = self._get_or_create(obj, uid, likely_missing=not started)
@@ -133,6 +136,11 @@ class Reconciler:
             now=self.clock(),
             conflict=conflict,
         )
+        if update.reason == "DisruptionLimitExceeded" and job is not None and not trainer.created:
+            # The Job would replace the pod once more; suspending it ends its pods, keeps the
+            # failed ones to look at, and gives the quota back (Kueue).
+            self.kube.patch("Job", namespace, plan.names.job, {"spec": {"suspend": True}})
+            logger.info("suspended Job %s/%s: %s", namespace, plan.names.job, update.message)
         self._write(body, status, update)
         return Result(phase=update.phase, requeue_after=CONFLICT_RETRY_SECONDS if conflict else None)
 
@@ -203,15 +211,20 @@ class Reconciler:
         problems = "; ".join(
             f"spec.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors()[:5]
         )
+        return self._fail(body, status, generation, "InvalidSpec", f"invalid spec: {problems}")
+
+    def _fail(
+        self, body: Mapping[str, Any], status: Mapping[str, Any], generation: int, reason: str, message: str
+    ) -> Result:
+        """Failed before anything is created: a condition, a Warning event, no children."""
         now = obs.timestamp(self.clock())
-        message = f"invalid spec: {problems}"
         conditions = obs.set_condition(
-            status.get("conditions") or [], obs.FAILED_CONDITION, True, "InvalidSpec", message,
+            status.get("conditions") or [], obs.FAILED_CONDITION, True, reason, message,
             now=now, generation=generation,
         )  # fmt: skip
         update = obs.StatusUpdate(
             phase=obs.FAILED,
-            reason="InvalidSpec",
+            reason=reason,
             message=message[: obs.MESSAGE_LIMIT],
             conditions=conditions,
             observed_generation=generation,

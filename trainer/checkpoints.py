@@ -5,12 +5,21 @@ checkpoint (weights or adapter, optimizer, scheduler, RNG states, data position,
 is copied to ``<output>/checkpoints/step-N/`` and a ``COMPLETE`` marker is written last. On
 start the newest checkpoint with its marker is restored; one without it (the pod died while
 uploading) is ignored.
+
+Uploads run on a background thread so that rank 0 does not hold every other rank at the next
+collective while it talks to storage: the Trainer's files are hard-linked into a snapshot (its
+own rotation may delete them meanwhile), at most one snapshot waits behind the one uploading
+(then saving blocks: disk use stays bounded), and the last upload is awaited before training
+is over. A failed upload fails the run at the next save or at the end.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import re
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -54,9 +63,13 @@ def finished(checkpoint: str, planned_steps: int) -> bool:
 
 
 class CheckpointSync(TrainerCallback):
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, *, waiting: int = 1) -> None:
         self.ctx = ctx
         self.remote: StorageURI = ctx.output.join("checkpoints")
+        self._queue: queue.Queue[Path | None] = queue.Queue(maxsize=waiting)
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.uploaded: list[int] = []  # steps whose COMPLETE marker is written, in order
 
     def restore(self) -> str | None:
         """The newest complete checkpoint, on local disk for every process of this node."""
@@ -76,10 +89,44 @@ class CheckpointSync(TrainerCallback):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not state.is_world_process_zero or not local.is_dir():
             return
-        target = self.remote.join(f"step-{state.global_step}")
-        self.ctx.store.upload_prefix(local, target)
-        self.ctx.store.write_text(target.join(MARKER), f"{state.global_step}\n")
-        self._prune(state.global_step)
+        self._raise_failed()
+        snapshot = self.ctx.workdir / "checkpoint-uploads" / local.name
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(local, snapshot, copy_function=_link)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._upload_loop, name="checkpoint-upload", daemon=True)
+            self._worker.start()
+        self._queue.put(snapshot)
+
+    def wait(self) -> None:
+        """Until every checkpoint saved so far is uploaded with its marker; raises its error."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+        self._raise_failed()
+
+    def _raise_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _upload_loop(self) -> None:
+        while (snapshot := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._upload(snapshot)
+                except BaseException as error:  # raised on the training thread
+                    self._error = error
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def _upload(self, snapshot: Path) -> None:
+        step = step_of(snapshot.name)
+        assert step is not None
+        target = self.remote.join(f"step-{step}")
+        self.ctx.store.upload_prefix(snapshot, target)
+        self.ctx.store.write_text(target.join(MARKER), f"{step}\n")
+        self.uploaded.append(step)
+        self._prune(step)
 
     def _prune(self, newest: int) -> None:
         names = {info.name.split("/")[0] for info in self.ctx.store.list_prefix(self.remote)}
@@ -88,19 +135,32 @@ class CheckpointSync(TrainerCallback):
             self.ctx.store.delete_prefix(self.remote.join(f"step-{old}"))
 
 
+def _link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+
+
 class _StopOnSignal(TrainerCallback):
     def __init__(self) -> None:
         self.signalled = False
+        self.stopped_at: int | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.signalled:
+        # Every rank takes the same decision at the same step (all of them save that step),
+        # whichever received the signal and whenever: no rank waits in a collective for
+        # another that stopped one step earlier.
+        if distributed.agree(self.signalled):
+            self.stopped_at = state.global_step
             control.should_save = args.save_strategy != "no"
             control.should_training_stop = True
 
 
 @contextmanager
 def save_on_sigterm(trainer: Trainer) -> Iterator[None]:
-    """On SIGTERM, finish the current step, save a checkpoint, and raise Interrupted."""
+    """On SIGTERM (to any rank), finish the current step, save a checkpoint on every rank at
+    that step, and raise Interrupted."""
     stopper = _StopOnSignal()
     trainer.add_callback(stopper)
 
@@ -115,5 +175,7 @@ def save_on_sigterm(trainer: Trainer) -> Iterator[None]:
         if main:
             signal.signal(signal.SIGTERM, previous)
         trainer.remove_callback(stopper)
-    if stopper.signalled:
-        raise Interrupted("stopped by SIGTERM after checkpointing; the next attempt resumes")
+    if stopper.stopped_at is not None:
+        raise Interrupted(
+            f"stopped by SIGTERM at step {stopper.stopped_at} after checkpointing; the next attempt resumes"
+        )

@@ -2,7 +2,9 @@
 
 `kubetune run --nproc-per-node N` and a pod with `gpus > 1` or `nodes > 1` re-launch the
 same command under torchrun (elastic launch, c10d rendezvous). transformers' Trainer then
-trains with DDP. Rank 0 alone evaluates, merges, quantizes, pushes and reports status.
+trains with DDP. Rank 0 alone evaluates, merges, quantizes, pushes and reports status; the
+other ranks wait for it at a final barrier, so that a node never ends (its pod Succeeded)
+while node 0 may still fail and need every peer to restart with it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,15 @@ import datetime as dt
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+# Rank 0 evaluates, merges, quantizes and uploads while the others wait: far longer than the
+# default collective timeout. The wait is on a gloo group (no NCCL watchdog); a peer that dies
+# breaks it at once (its sockets close), so only a hung rank 0 makes it last this long.
+FINISH_TIMEOUT = dt.timedelta(hours=24)
+_finish_group: dict[str, torch.distributed.ProcessGroup] = {}
 
 
 def rank() -> int:
@@ -57,6 +66,10 @@ def init(timeout: dt.timedelta | None = None) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
         torch.distributed.init_process_group(backend, timeout=timeout)
+    if world_size() > 1 and not _finish_group:
+        group = torch.distributed.new_group(backend="gloo", timeout=FINISH_TIMEOUT)
+        assert isinstance(group, torch.distributed.ProcessGroup)  # every rank is a member
+        _finish_group["group"] = group
 
 
 def barrier() -> None:
@@ -64,9 +77,55 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def agree(flag: bool) -> bool:
+    """True on every rank when it is True on any: one decision, taken at the same step."""
+    if not torch.distributed.is_initialized():
+        return flag
+    device = torch.device("cuda", local_rank()) if torch.distributed.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def finish_barrier() -> None:
+    """Every rank waits here until all are done (rank 0 has published)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier(group=_finish_group.get("group"))
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """A collective failed because another process went away, not because of this one.
+
+    Asked after the process group is gone (the pipeline shuts it down on the way out)."""
+    if world_size() <= 1:
+        return False
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    # gloo reports a peer's death as a plain RuntimeError from its transport
+    return isinstance(error, RuntimeError) and any(mark in str(error) for mark in _PEER_GONE)
+
+
 def shutdown() -> None:
+    _finish_group.clear()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+EXIT_DIR_ENV = "KUBETUNE_EXIT_DIR"
+
+
+def record_exit(code: int) -> None:
+    """Under torchrun, leave this process's exit code where `kubetune trainer` reads it."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if folder and launched():
+        Path(folder, f"rank-{rank()}").write_text(f"{code}\n")
+
+
+def recorded_exits(folder: Path) -> list[int]:
+    return [int(p.read_text()) for p in sorted(folder.glob("rank-*"))]
 
 
 @dataclass(frozen=True)
@@ -75,6 +134,10 @@ class Launch:
     nnodes: int = 1
     rdzv_endpoint: str | None = None  # host:port of the rendezvous; None: this machine alone
     rdzv_id: str = "kubetune"
+    # torchrun forwards SIGTERM to the workers and kills them this many seconds later
+    shutdown_timeout: int | None = None
+    # this machine hosts the rendezvous store (node rank 0); None: torchrun guesses from DNS
+    rdzv_host: bool | None = None
 
     @property
     def needed(self) -> bool:
@@ -83,6 +146,8 @@ class Launch:
     def command(self, argv: list[str]) -> list[str]:
         """The torchrun command that runs `kubetune <argv>` in every process (pure)."""
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc_per_node}"]
+        if self.shutdown_timeout is not None:
+            launcher.append(f"--shutdown-timeout={self.shutdown_timeout}")
         if self.nnodes == 1 and self.rdzv_endpoint is None:
             launcher.append("--standalone")
         else:
@@ -92,13 +157,35 @@ class Launch:
                 f"--rdzv-endpoint={self.rdzv_endpoint}",
                 f"--rdzv-id={self.rdzv_id}",
             ]
+            if self.rdzv_host is not None:
+                launcher.append(f"--rdzv-conf=is_host={str(self.rdzv_host).lower()}")
         return [*launcher, "--module", "kubetune", *argv]
 
 
-def pod_launch(gpus: int, job_id: str) -> Launch:
-    """From the pod's environment, as the operator sets it for Indexed Jobs."""
-    nodes = int(os.environ.get("KUBETUNE_NUM_NODES", "1"))
-    endpoint = None
+GRACE_ENV = "KUBETUNE_GRACE_SECONDS"
+# Of the pod's grace period, what the launcher keeps for itself after the workers stopped.
+GRACE_MARGIN_SECONDS = 5
+
+
+def pod_launch(gpus: int, job_id: str, environ: dict[str, str] | None = None) -> Launch:
+    """From the pod's environment, as the operator sets it for Indexed Jobs (pure given environ).
+
+    Node rank 0 (the Indexed Job's completion index) hosts the rendezvous store: torchrun's
+    own guess compares MASTER_ADDR's DNS answer with this pod's addresses, which fails while
+    the headless Service has not yet published pod 0's record.
+    """
+    env = os.environ if environ is None else environ
+    nodes = int(env.get("KUBETUNE_NUM_NODES", "1"))
+    endpoint, host = None, None
     if nodes > 1:
-        endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29500')}"
-    return Launch(nproc_per_node=max(gpus, 1), nnodes=nodes, rdzv_endpoint=endpoint, rdzv_id=job_id)
+        endpoint = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+        host = int(env.get("KUBETUNE_NODE_RANK", "0")) == 0
+    grace = env.get(GRACE_ENV)
+    return Launch(
+        nproc_per_node=max(gpus, 1),
+        nnodes=nodes,
+        rdzv_endpoint=endpoint,
+        rdzv_id=job_id,
+        shutdown_timeout=max(int(grace) - GRACE_MARGIN_SECONDS, 1) if grace else None,
+        rdzv_host=host,
+    )

@@ -82,6 +82,10 @@ def execute(
                 step(ctx)
             ctx.timings[stage.value] = round(time.monotonic() - started, 2)
             reporter.stage_finished(stage, ctx.timings[stage.value])
+        # No rank ends before rank 0 has published: should rank 0 fail now, every peer fails
+        # with it (peer lost) and the whole group restarts, instead of pod 0 waiting alone for
+        # peers whose pods already succeeded.
+        distributed.finish_barrier()
     finally:
         distributed.shutdown()
     return ctx

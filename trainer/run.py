@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -40,6 +43,23 @@ def quiet_libraries() -> None:
 
 
 def run_job_file(
+    path: Path, reporter: Reporter, console: Console, *, output: str | None, workdir: Path
+) -> int:
+    """Every stage of the job in this process; the exit code, also recorded for the launcher."""
+    code = exitcodes.FAILURE
+    try:
+        code = _run_job_file(path, reporter, console, output=output, workdir=workdir)
+    except Exception as exc:
+        if not distributed.peer_lost(exc):
+            raise
+        console.print(f"error: another process of the job went away: {exc}", markup=False, highlight=False)
+        code = exitcodes.PEER_LOST_EXIT_CODE
+    finally:
+        distributed.record_exit(code)
+    return code
+
+
+def _run_job_file(
     path: Path, reporter: Reporter, console: Console, *, output: str | None, workdir: Path
 ) -> int:
     try:
@@ -75,8 +95,7 @@ def run_local(path: Path, output: str | None = None, launch: Launch | None = Non
     try:
         if launch is not None and launch.needed and not distributed.launched():
             argv = ["run", str(path), *(["--output", output] if output else [])]
-            env = os.environ | {"KUBETUNE_WORKDIR": str(workdir)}
-            code = subprocess.run(launch.command(argv), env=env, check=False).returncode
+            code = launch_workers(launch, argv, {"KUBETUNE_WORKDIR": str(workdir)})
         else:
             reporter = ConsoleReporter(console) if distributed.is_main() else SilentReporter()
             code = run_job_file(path, reporter, console, output=output, workdir=workdir)
@@ -99,14 +118,38 @@ def run_in_pod(config: Path) -> int:
         job_id = f"{job.metadata.namespace or 'default'}-{job.metadata.name}"
         launch = distributed.pod_launch(job.spec.resources.gpus, job_id)
         if launch.needed:
-            return subprocess.run(
-                launch.command(["trainer", "--config", str(config)]), check=False
-            ).returncode
+            return launch_workers(launch, ["trainer", "--config", str(config)], {})
     from kubetune.trainer.status import pod_reporter
 
     reporter = pod_reporter(console) if distributed.is_main() else SilentReporter()
     workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/var/cache/kubetune/work"))
     return run_job_file(config, reporter, console, output=os.environ.get("KUBETUNE_OUTPUT"), workdir=workdir)
+
+
+def launch_workers(launch: Launch, argv: list[str], env: dict[str, str]) -> int:
+    """torchrun with one process per GPU; SIGTERM and SIGINT are passed on to it.
+
+    This process is PID 1 of the pod: the kubelet's SIGTERM reaches it alone. torchrun sends it
+    on to every worker (each finishes its step and checkpoints) and kills them only after
+    its --shutdown-timeout, set from the pod's grace period. The exit code is the most telling
+    one the workers recorded (torchrun only says that one failed).
+    """
+    with tempfile.TemporaryDirectory(prefix="kubetune-exit-") as folder:
+        proc = subprocess.Popen(
+            launch.command(argv), env=os.environ | env | {distributed.EXIT_DIR_ENV: folder}
+        )
+
+        def forward(signum: int, frame: FrameType | None) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            returncode = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return exitcodes.combined(distributed.recorded_exits(Path(folder)), returncode, nodes=launch.nnodes)
 
 
 def summary(ctx: RunContext, console: Console) -> None:

@@ -91,14 +91,31 @@ def gpu_memory() -> dict[int, int]:
 
 class StatusReporter:
     """Patches the FineTuneJob's status subresource: at most every `interval` seconds for
-    progress, at once for stage changes, results and artifacts."""
+    progress, at once for stage changes, results and artifacts.
 
-    def __init__(self, custom: Any, namespace: str, name: str, interval: float = 5.0) -> None:
+    Each request gives up after `timeout` seconds: rank 0 patches between training steps and
+    every other rank waits for it at the next collective, so a hanging API server must not
+    hang training. After a failed patch, progress waits `backoff` seconds before the next try.
+    """
+
+    def __init__(
+        self,
+        custom: Any,
+        namespace: str,
+        name: str,
+        interval: float = 5.0,
+        *,
+        timeout: float = 5.0,
+        backoff: float = 60.0,
+    ) -> None:
         self.custom = custom  # kubernetes.client.CustomObjectsApi
         self.namespace = namespace
         self.name = name
         self.interval = interval
+        self.timeout = timeout
+        self.backoff = backoff
         self._last = 0.0
+        self._quiet_until = 0.0
         self._stage: api.Stage | None = None
         self._pending: api.Progress | None = None
 
@@ -112,7 +129,8 @@ class StatusReporter:
 
     def progress(self, progress: api.Progress) -> None:
         self._pending = progress
-        if time.monotonic() - self._last >= self.interval:
+        now = time.monotonic()
+        if now - self._last >= self.interval and now >= self._quiet_until:
             self._patch({"progress": self._progress(progress)})
 
     def results(self, results: api.Results) -> None:
@@ -134,9 +152,16 @@ class StatusReporter:
             self._pending = None
         try:
             self.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, self.namespace, api.PLURAL, self.name, {"status": status}
+                api.GROUP,
+                api.VERSION,
+                self.namespace,
+                api.PLURAL,
+                self.name,
+                {"status": status},
+                _request_timeout=(self.timeout, self.timeout),
             )
         except Exception as exc:  # reporting must never stop training
+            self._quiet_until = time.monotonic() + self.backoff
             reason = getattr(exc, "reason", None) or type(exc).__name__
             log.warning("could not update %s/%s status: %s", self.namespace, self.name, reason)
 
@@ -157,10 +182,11 @@ def pod_reporter(console: Console) -> Reporter:
     if port:
         start_http_server(port, registry=REGISTRY)
     interval = float(os.environ.get("KUBETUNE_STATUS_INTERVAL", "5"))
+    timeout = float(os.environ.get("KUBETUNE_STATUS_TIMEOUT", "5"))
     return Reporters(
         [
             ConsoleReporter(console),
             MetricsReporter(namespace, name),
-            StatusReporter(client.CustomObjectsApi(), namespace, name, interval),
+            StatusReporter(client.CustomObjectsApi(), namespace, name, interval, timeout=timeout),
         ]
     )

@@ -220,7 +220,14 @@ def test_a_finetunejob_runs_to_success_with_the_operators_own_rbac(
     control_plane: ControlPlane, kube: Kube, ns: str
 ) -> None:
     token = give_operator_identity(control_plane, kube, ns)
-    with control_plane.token_api_client(token) as client, OperatorRunner(client, [ns]) as runner:
+    # spec.credentials is injected only for namespaces the operator is configured to allow
+    config = planning.OperatorConfig(
+        trainer_image="registry.test/kubetune-trainer:test", secrets_namespaces=(ns,)
+    )
+    with (
+        control_plane.token_api_client(token) as client,
+        OperatorRunner(client, [ns], config=config) as runner,
+    ):
         created = create(
             kube,
             ns,
@@ -445,13 +452,17 @@ def test_suspend_and_resume(kube: Kube, ns: str, operator: OperatorRunner) -> No
 
 
 def test_problems_while_pending_are_reported(kube: Kube, ns: str, operator: OperatorRunner) -> None:
-    create(kube, ns, "typo", image="registry.test/no-such-image:1")
+    # an allowed repository (the trainer image's), a tag that does not exist
+    create(kube, ns, "typo", image="registry.test/kubetune-trainer:no-such-tag")
     pod = live_pod(kube, ns, planning.Names.of("typo").job)
     set_pod_waiting(
-        kube.client, pod, "ImagePullBackOff", 'Back-off pulling image "registry.test/no-such-image:1"'
+        kube.client,
+        pod,
+        "ImagePullBackOff",
+        'Back-off pulling image "registry.test/kubetune-trainer:no-such-tag"',
     )
     stuck = wait_phase(kube, ns, "typo", "Pending", "ImagePullBackOff")
-    assert "no-such-image" in stuck["status"]["message"]
+    assert "no-such-tag" in stuck["status"]["message"]
     assert_event(kube, ns, "typo", ("Warning", "ImagePullBackOff"))
 
 

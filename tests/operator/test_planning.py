@@ -206,12 +206,15 @@ def test_gpu_limits_use_the_configured_resource_name(
     )
     resources = trainer(p)["resources"]
     assert resources["limits"] == {"cpu": "8", "memory": "64Gi", **expected}
-    assert resources["requests"] == {"cpu": "8", "memory": "64Gi"}
+    assert resources["requests"] == {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "10Gi"}
     assert not any("gpu" in key for key in resources["requests"])
 
 
-def test_no_cpu_or_memory_means_no_requests() -> None:
-    assert trainer(plan(job(resources={"gpus": 1})))["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+def test_no_cpu_or_memory_means_default_requests_and_no_limits() -> None:
+    assert trainer(plan(job(resources={"gpus": 1})))["resources"] == {
+        "requests": {"cpu": "1", "memory": "4Gi", "ephemeral-storage": "10Gi"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
 
 
 def test_secrets_are_referenced_by_name_only() -> None:
@@ -251,7 +254,7 @@ def test_pod_failure_policy_and_retry_settings() -> None:
     assert spec_["ttlSecondsAfterFinished"] == 600
     assert spec_["template"]["spec"]["restartPolicy"] == "Never"
     assert spec_["podReplacementPolicy"] == "Failed"
-    ignore, fail = spec_["podFailurePolicy"]["rules"]
+    ignore, fail, _peer_lost = spec_["podFailurePolicy"]["rules"]
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert fail == {
         "action": "FailJob",

@@ -42,7 +42,10 @@ def ns(control_plane_api_client: ApiClient, control_plane_namespace: str) -> str
 
 @pytest.fixture
 def operator(control_plane_api_client: ApiClient, ns: str) -> Iterator[OperatorRunner]:
-    with OperatorRunner(control_plane_api_client, [ns]) as runner:
+    config = planning.OperatorConfig(
+        trainer_image="registry.test/kubetune-trainer:test", secrets_namespaces=(ns,)
+    )
+    with OperatorRunner(control_plane_api_client, [ns], config=config) as runner:
         yield runner
 
 

@@ -198,8 +198,17 @@ def run(ctx: RunContext) -> None:
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
         runtime = 0.0
     else:
-        with checkpoints.save_on_sigterm(trainer):
-            runtime = float(trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0))
+        try:
+            with checkpoints.save_on_sigterm(trainer):
+                runtime = float(
+                    trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0)
+                )
+        except checkpoints.Interrupted:
+            if sync is not None:
+                sync.wait()  # the checkpoint of the stop step, within the grace period
+            raise
+        if sync is not None:
+            sync.wait()  # every checkpoint is in storage before the stages that publish
     # The whole run's log, also the steps before a resume (restored with the checkpoint).
     ctx.history = [
         {"step": float(entry["step"]), **{k: float(v) for k, v in entry.items() if _number(v)}}
