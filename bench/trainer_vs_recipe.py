@@ -100,12 +100,18 @@ def single_token_words(tokenizer: Any) -> list[str]:
     return [w for w in words if tokenizer(" " + w, add_special_tokens=False)["input_ids"] == [vocab["Ġ" + w]]]
 
 
-def make_rows(tokenizer: Any, count: int, seed: int) -> list[dict[str, str]]:
-    """Prompt-completion rows with log-normal token lengths (median ~110, clipped to 20..400)."""
+def make_rows(tokenizer: Any, count: int, seed: int, variant: int | None = None) -> list[dict[str, str]]:
+    """Prompt-completion rows with log-normal token lengths (median ~110, clipped to 20..400).
+
+    ``variant``: other rows of the same Markov chain, mapped by another substitution.
+    """
     rng = random.Random(seed)
     words = single_token_words(tokenizer)
     substitution = dict(zip(words, rng.sample(words, len(words)), strict=True))
     successors = {w: rng.sample(words, 3) for w in words}  # a Markov chain: prompts have structure
+    if variant is not None:
+        rng = random.Random(variant)
+        substitution = dict(zip(words, rng.sample(words, len(words)), strict=True))
     head, sep = "map:", "\n"
     overhead = len(tokenizer(head + sep, add_special_tokens=False)["input_ids"]) + 1  # + EOS
     rows: list[dict[str, str]] = []

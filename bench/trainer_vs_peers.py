@@ -1,0 +1,548 @@
+"""kubetune's defaults against the tutorial recipe and TRL's SFTTrainer: LoRA on one base, same data.
+
+    .venv/bin/python bench/trainer_vs_peers.py                  # every side, 3 interleaved rounds
+    .venv/bin/python bench/trainer_vs_peers.py --repeats 1 --sides recipe,kubetune
+
+Every side fine-tunes the same base with the same LoRA (r 16, alpha 32, no dropout, all linear
+layers), on the same rows, 1 epoch, 16 examples per batch (where a side keeps batches of examples),
+the same optimizer settings and seed:
+
+    recipe              the tutorial recipe: prompt + completion + EOS, DataCollatorForLanguageModeling
+                        (per-batch padding, loss on every token), peft + transformers.Trainer, fp32
+    trl                 TRL SFTTrainer with its defaults (completion-only loss, padded batches,
+                        bf16, gradient checkpointing)
+    trl-padding-free    TRL with padding_free=True (the same batches, flattened)
+    trl-packed          TRL with packing=True (best-fit decreasing into rows of max_length, padding-free)
+    kubetune            kubetune.trainer.pipeline.execute on a FineTuneJob spec with the defaults
+                        (packing off: padding-free batches; precision auto: bf16 autocast on CPUs with
+                        native bf16)
+    kubetune-fp32       the same with precision: fp32
+    kubetune-padded     kubetune fp32 with padded batches (the layout before padding-free batches,
+                        forced by the benchmark's own subprocess; optional)
+
+The base can learn: the built-in tiny Llama is first pretrained in full (once per invocation, by
+kubetune with packing) on other rows of the same Markov chain mapped by another substitution, so
+it knows the format and the LoRA fine-tuning has to learn the new mapping. The validation loss is
+the mean cross-entropy over the completion tokens of the same held-out rows for every side, in
+fp32 (``kubetune.trainer.evaluation.validation_loss``). Tokens per second = real tokens through the
+model / Trainer's ``train_runtime``. Peak memory = ``ru_maxrss`` of each side's own subprocess.
+Sides are interleaved round by round; the figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from trainer_vs_recipe import (  # noqa: E402
+    PRESET,
+    _Silent,
+    completion_examples,
+    load1,
+    machine,
+    make_rows,
+    peak_rss_mb,
+    read_jsonl,
+    write_jsonl,
+)
+
+SIDES = ("recipe", "trl", "trl-padding-free", "trl-packed", "kubetune-fp32", "kubetune")
+ALL_SIDES = (*SIDES, "kubetune-padded")
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+@dataclass(frozen=True)
+class Settings:
+    base_dir: str
+    train_file: str
+    validation_file: str
+    workdir: str
+    batch_size: int
+    max_seq_length: int
+    learning_rate: float
+    warmup_ratio: float
+    seed: int
+
+
+@dataclass
+class SideResult:
+    side: str
+    repeat: int
+    train_seconds: float
+    tokens: int
+    slots: int
+    steps: int
+    tokens_per_second: float
+    peak_rss_mb: float
+    validation_loss: float
+    precision: str
+    load_before: float
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def fp32_validation_loss(model: Any, settings: Settings, tokenizer: Any) -> float:
+    """The same held-out completion loss for every side, in fp32 whatever the side trained in."""
+    import torch
+
+    from kubetune.trainer.evaluation import validation_loss
+
+    model = model.to(torch.float32)
+    model.eval()
+    examples = completion_examples(read_jsonl(settings.validation_file), tokenizer)
+    with torch.autocast("cpu", enabled=False):
+        return validation_loss(model, examples, tokenizer.pad_token_id, batch_size=16)
+
+
+class Counting:
+    """Wraps a collator: real tokens (attention mask, or every position without one) and slots."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = 0
+        self.slots = 0
+
+    def __call__(self, batch: Any) -> Any:
+        out = self.inner(batch)
+        mask = out.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else out["input_ids"].numel()
+        self.slots += out["input_ids"].numel()
+        return out
+
+
+def common_arguments(settings: Settings, output_dir: str) -> dict[str, Any]:
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": settings.batch_size,
+        "num_train_epochs": 1.0,
+        "learning_rate": settings.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": settings.warmup_ratio,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": settings.seed,
+        "data_seed": settings.seed,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+    }
+
+
+# ----------------------------------------------------------------------------- the sides
+
+
+def run_recipe(settings: Settings) -> dict[str, Any]:
+    import torch
+    from peft import get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_dir)
+    model = AutoModelForCausalLM.from_pretrained(settings.base_dir, dtype=torch.float32)
+    model = get_peft_model(model, lora_config())
+    rows = read_jsonl(settings.train_file)
+    texts = [r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]
+    ids = tokenizer(texts, truncation=True, max_length=settings.max_seq_length)["input_ids"]
+    collator = Counting(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
+    args = TrainingArguments(**common_arguments(settings, str(Path(settings.workdir) / "recipe")))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=[{"input_ids": x} for x in ids], data_collator=collator
+    )
+    result = trainer.train()
+    return {
+        "train_seconds": float(result.metrics["train_runtime"]),
+        "tokens": collator.tokens,
+        "slots": collator.slots,
+        "steps": int(trainer.state.global_step),
+        "precision": "fp32",
+        "validation_loss": fp32_validation_loss(trainer.model, settings, tokenizer),
+    }
+
+
+def run_trl(settings: Settings, side: str) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.base_dir)
+    train = Dataset.from_list(read_jsonl(settings.train_file))
+    config = SFTConfig(
+        **common_arguments(settings, str(Path(settings.workdir) / side)),
+        # TRL refuses max_length without packing when padding-free; no row here is longer anyway.
+        max_length=None if side == "trl-padding-free" else settings.max_seq_length,
+        packing=side == "trl-packed",
+        padding_free=side == "trl-padding-free",
+    )
+    trainer = SFTTrainer(
+        model=settings.base_dir,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    collator = Counting(trainer.data_collator)
+    trainer.data_collator = collator
+    result = trainer.train()
+    return {
+        "train_seconds": float(result.metrics["train_runtime"]),
+        "tokens": collator.tokens,
+        "slots": collator.slots,
+        "steps": int(trainer.state.global_step),
+        "precision": "bf16" if config.bf16 else "fp32",
+        "validation_loss": fp32_validation_loss(trainer.model, settings, tokenizer),
+    }
+
+
+def run_kubetune(settings: Settings, side: str) -> dict[str, Any]:
+    from kubetune import api
+    from kubetune.trainer import modeling
+    from kubetune.trainer.pipeline import execute
+    from kubetune.trainer.run import quiet_libraries
+    from kubetune.trainer.stages import train as train_stage
+
+    quiet_libraries()
+    counts = {"slots": 0}
+    counting = train_stage.CountingCollator
+
+    class SlotCounting(counting):  # type: ignore[valid-type,misc]
+        def __call__(self, batch: Sequence[Any]) -> Any:
+            out = super().__call__(batch)
+            counts["slots"] += out["input_ids"].numel()
+            return out
+
+    train_stage.CountingCollator = SlotCounting  # type: ignore[misc]
+    if side == "kubetune-padded":
+        modeling.padding_free_blocker = lambda model: "forced by the benchmark"
+    training: dict[str, Any] = {
+        "epochs": 1,
+        "learningRate": settings.learning_rate,
+        "scheduler": "cosine",
+        "warmupRatio": settings.warmup_ratio,
+        "batchSize": settings.batch_size,
+        "maxSeqLength": settings.max_seq_length,
+        "seed": settings.seed,
+    }
+    if side != "kubetune":
+        training["precision"] = "fp32"
+    job = api.FineTuneJob.model_validate(
+        {
+            "metadata": {"name": "bench", "namespace": "bench"},
+            "spec": {
+                "model": {"uri": settings.base_dir},
+                "dataset": {
+                    "train": settings.train_file,
+                    "validation": settings.validation_file,
+                    "format": "prompt-completion",
+                },
+                "method": "lora",
+                "lora": LORA,
+                "training": training,
+                "evaluation": {"metrics": ["loss"], "baseline": False},
+                "export": {"merge": False},
+                "output": {"uri": str(Path(settings.workdir) / side / "out")},
+                "resources": {"gpus": 0},
+            },
+        }
+    )
+    ctx = execute(job, _Silent(), workdir=Path(settings.workdir) / side / "work")
+    return {
+        "train_seconds": ctx.checks["train_runtime_seconds"],
+        "tokens": ctx.trained_tokens,
+        "slots": counts["slots"],
+        "steps": int(ctx.checks["global_step"]),
+        "precision": modeling.precision_of(job.spec.training.precision).why,
+        "validation_loss": fp32_validation_loss(ctx.model, settings, ctx.tokenizer),
+    }
+
+
+def child(side: str, settings_file: Path, result_file: Path) -> None:
+    settings = Settings(**json.loads(settings_file.read_text()))
+    if side == "recipe":
+        out = run_recipe(settings)
+    elif side.startswith("trl"):
+        out = run_trl(settings, side)
+    else:
+        out = run_kubetune(settings, side)
+    out["peak_rss_mb"] = peak_rss_mb()
+    result_file.write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- the base
+
+
+def pretrain_base(out: Path, rows_file: Path, workdir: Path, max_seq_length: int) -> dict[str, Any]:
+    """The tiny preset trained in full on the other mapping: a base that knows the format."""
+    from kubetune import api
+    from kubetune.trainer import presets
+    from kubetune.trainer.pipeline import execute
+    from kubetune.trainer.run import quiet_libraries
+
+    quiet_libraries()
+    job = api.FineTuneJob.model_validate(
+        {
+            "metadata": {"name": "base", "namespace": "bench"},
+            "spec": {
+                "model": {"uri": str(presets.preset_path(PRESET))},
+                "dataset": {"train": str(rows_file), "validationSplit": 0.05, "format": "prompt-completion"},
+                "method": "full",
+                "training": {
+                    "epochs": 1,
+                    "learningRate": 2e-3,
+                    "warmupRatio": 0.05,
+                    "batchSize": 4,
+                    "maxSeqLength": max_seq_length,
+                    "packing": True,
+                },
+                "evaluation": {"metrics": ["loss"], "baseline": True},
+                "export": {"merge": False},
+                "output": {"uri": str(workdir / "out")},
+                "resources": {"gpus": 0},
+            },
+        }
+    )
+    started = time.monotonic()
+    ctx = execute(job, _Silent(), workdir=workdir / "work")
+    ctx.model.save_pretrained(out, safe_serialization=True)
+    ctx.tokenizer.save_pretrained(out)
+    return {
+        "seconds": round(time.monotonic() - started, 1),
+        "loss_before": ctx.before.get("loss"),
+        "loss_after": ctx.after.get("loss"),
+        "steps": int(ctx.checks["global_step"]),
+    }
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def run_side(side: str, repeat: int, settings_file: Path, workdir: Path, threads: int) -> SideResult:
+    result_file = workdir / f"{side}-{repeat}.json"
+    load = load1()
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": str(threads),
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", side, str(settings_file), str(result_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raw = json.loads(result_file.read_text())
+    return SideResult(
+        side=side,
+        repeat=repeat,
+        train_seconds=raw["train_seconds"],
+        tokens=raw["tokens"],
+        slots=raw["slots"],
+        steps=raw["steps"],
+        tokens_per_second=raw["tokens"] / raw["train_seconds"],
+        peak_rss_mb=raw["peak_rss_mb"],
+        validation_loss=raw["validation_loss"],
+        precision=raw["precision"],
+        load_before=load,
+    )
+
+
+def summarize(results: Sequence[SideResult], sides: Sequence[str]) -> list[dict[str, Any]]:
+    def median(side: str, key: str) -> float | None:
+        values = [getattr(r, key) for r in results if r.side == side]
+        return statistics.median(values) if values else None
+
+    base_tps = median("recipe", "tokens_per_second")
+    rows = []
+    for side in sides:
+        mine = [r for r in results if r.side == side]
+        tps = statistics.median(r.tokens_per_second for r in mine)
+        rows.append(
+            {
+                "side": side,
+                "runs": len(mine),
+                "precision": mine[0].precision,
+                "tokens_per_second": tps,
+                "tokens_per_second_runs": [round(r.tokens_per_second) for r in mine],
+                "speedup": tps / base_tps if base_tps else None,
+                "padding_share": 1 - statistics.median(r.tokens / r.slots for r in mine),
+                "tokens": mine[0].tokens,
+                "steps": mine[0].steps,
+                "train_seconds": statistics.median(r.train_seconds for r in mine),
+                "peak_rss_mb": statistics.median(r.peak_rss_mb for r in mine),
+                "validation_loss": statistics.median(r.validation_loss for r in mine),
+                "loads": [round(r.load_before, 2) for r in mine],
+            }
+        )
+    return rows
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    header = (
+        f"{'side':<17} {'runs':>4} {'tokens/s':>9} {'x recipe':>8} {'padding':>8} {'steps':>5} "
+        f"{'train s':>8} {'peak RSS MB':>11} {'val loss':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
+        print(
+            f"{r['side']:<17} {r['runs']:>4} {r['tokens_per_second']:>9,.0f} {speedup:>8} "
+            f"{r['padding_share']:>8.1%} {r['steps']:>5} {r['train_seconds']:>8.1f} "
+            f"{r['peak_rss_mb']:>11.0f} {r['validation_loss']:>9.4f}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(ALL_SIDES)}"
+    )
+    parser.add_argument("--examples", type=int, default=800, help="fine-tuning rows")
+    parser.add_argument("--validation", type=int, default=200, help="held-out rows")
+    parser.add_argument("--pretrain-examples", type=int, default=3000, help="rows that pretrain the base")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per side: on a shared machine, more threads than free cores spin and stall",
+    )
+    parser.add_argument("--output", type=Path, help="raw JSON (default: bench/trainer_vs_peers.json)")
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "SETTINGS", "RESULT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]), Path(args.child[2]))
+        return 0
+    sides = [s for s in args.sides.split(",") if s]
+    unknown = set(sides) - set(ALL_SIDES)
+    if unknown:
+        parser.error(f"unknown sides: {', '.join(sorted(unknown))}")
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    import torch
+    from transformers import AutoTokenizer
+
+    from kubetune.trainer import presets
+
+    with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
+        workdir = Path(scratch)
+        torch.set_num_threads(args.threads)
+        tokenizer = AutoTokenizer.from_pretrained(presets.preset_path(PRESET))
+        rows = make_rows(tokenizer, args.examples + args.validation, seed=1234)
+        write_jsonl(workdir / "train.jsonl", rows[: args.examples])
+        write_jsonl(workdir / "validation.jsonl", rows[args.examples :])
+        write_jsonl(
+            workdir / "pretrain.jsonl", make_rows(tokenizer, args.pretrain_examples, 1234, variant=99)
+        )
+        lengths = sorted(len(e) for e in completion_examples(rows[: args.examples], tokenizer))
+        print(
+            f"data: {args.examples} rows, {args.validation} held out; tokens per row min {lengths[0]} "
+            f"median {lengths[len(lengths) // 2]} max {lengths[-1]}, {sum(lengths):,} in all",
+            flush=True,
+        )
+        base = pretrain_base(
+            workdir / "base", workdir / "pretrain.jsonl", workdir / "pretrain", args.max_seq_length
+        )
+        print(
+            f"base: pretrained in full on {args.pretrain_examples} rows of the other mapping: {base}",
+            flush=True,
+        )
+        settings = Settings(
+            base_dir=str(workdir / "base"),
+            train_file=str(workdir / "train.jsonl"),
+            validation_file=str(workdir / "validation.jsonl"),
+            workdir=str(workdir),
+            batch_size=args.batch_size,
+            max_seq_length=args.max_seq_length,
+            learning_rate=args.learning_rate,
+            warmup_ratio=0.05,
+            seed=42,
+        )
+        settings_file = workdir / "settings.json"
+        settings_file.write_text(json.dumps(asdict(settings)))
+        results: list[SideResult] = []
+        for repeat in range(args.repeats):
+            for side in sides:
+                result = run_side(side, repeat, settings_file, workdir, args.threads)
+                results.append(result)
+                print(
+                    f"run {repeat + 1}/{args.repeats} {side:<17} {result.tokens_per_second:>9,.0f} tokens/s "
+                    f"{result.train_seconds:>7.1f}s RSS {result.peak_rss_mb:>6.0f} MB "
+                    f"val loss {result.validation_loss:.4f} (load {result.load_before:.2f})",
+                    flush=True,
+                )
+    rows_out = summarize(results, sides)
+    print()
+    print_table(rows_out)
+    output = args.output or HERE / "trainer_vs_peers.json"
+    output.write_text(
+        json.dumps(
+            {
+                "command": " ".join([".venv/bin/python", "bench/trainer_vs_peers.py", *sys.argv[1:]]),
+                "started": started,
+                "machine": machine(),
+                "base": base,
+                "settings": {
+                    "examples": args.examples,
+                    "validation": args.validation,
+                    "lora": LORA,
+                    "threads": args.threads,
+                    **{
+                        k: v
+                        for k, v in asdict(settings).items()
+                        if "file" not in k and k not in ("workdir", "base_dir")
+                    },
+                },
+                "summary": rows_out,
+                "runs": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nraw figures: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
