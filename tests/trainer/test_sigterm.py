@@ -47,7 +47,7 @@ def test_sigterm_saves_a_checkpoint_that_the_next_attempt_resumes(tmp_path: Path
     first.wait(timeout=120)
     log = "".join(lines)
     assert first.returncode == 1, log
-    assert "stopped by SIGTERM after checkpointing" in log
+    assert "stopped by SIGTERM at step " in log and " after checkpointing" in log
     saved = [p.parent.name for p in (out / "checkpoints").glob("step-*/COMPLETE")]
     assert len(saved) == 1, "one checkpoint, at the step where the signal arrived"
     step = int(saved[0].removeprefix("step-"))
