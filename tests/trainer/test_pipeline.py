@@ -164,7 +164,9 @@ class Boom(RuntimeError):
 class FailingUpload(ObjectStore):
     """Object storage that breaks after the first file of an upload, like a lost connection."""
 
-    def upload_prefix(self, src_dir: Any, uri: Any, *, skip_unchanged: bool = True) -> Any:
+    def upload_prefix(
+        self, src_dir: Any, uri: Any, *, skip_unchanged: bool = True, progress: Any = None
+    ) -> Any:
         first = next(p for p in Path(src_dir).rglob("*") if p.is_file())
         self.upload_file(first, parse(uri).join(first.relative_to(src_dir).as_posix()))
         raise Boom("connection lost")
