@@ -97,7 +97,8 @@ def test_sigterm_to_the_launcher_checkpoints_one_step_on_every_rank_and_resumes(
         assert f"resuming from checkpoint step {stops[0]}" in log
         metrics = json.loads((out / "metrics.json").read_text())
         steps = [h["step"] for h in metrics["history"] if "loss" in h]
-        assert steps == sorted(set(steps)) and steps[-1] == 150
+        # No step twice, and the history reaches the last logging step before maxSteps.
+        assert steps == sorted(set(steps)) and steps[-1] > 150 - (steps[1] - steps[0])
     finally:
         kill_everything_started_for(tmp_path)
 

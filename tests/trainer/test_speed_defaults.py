@@ -3,6 +3,9 @@ model, refused clearly where they cannot run; batches are padding-free unless pa
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +158,26 @@ def test_training_arguments_follow_the_model() -> None:
 
 def test_liger_kernels_patch_the_tiny_llama() -> None:
     """The wiring Trainer(use_liger_kernel=True) uses: liger-kernel imports without a GPU and
-    patches a Llama in place (running the Triton kernels needs a GPU)."""
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance  # type: ignore[import-untyped]
+    patches a Llama in place (running the Triton kernels needs a GPU). In a process of its own:
+    liger also patches transformers' Llama module, which would send later tests to Triton."""
+    code = textwrap.dedent(
+        """
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = llama()
-    assert (
-        model.forward.__name__ == "forward"
-        and model.model.norm.forward.__qualname__ == "LlamaRMSNorm.forward"
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        model = LlamaForCausalLM(config)
+        assert model.forward.__name__ == "forward"
+        assert model.model.norm.forward.__qualname__ == "LlamaRMSNorm.forward"
+        _apply_liger_kernel_to_instance(model=model)
+        assert model.forward.__name__ == "lce_forward", model.forward.__name__
+        assert model.model.norm.forward.__qualname__ == "LigerRMSNorm.forward"
+        assert model.model.layers[0].mlp.forward.__qualname__ == "LigerSwiGLUMLP.forward"
+        """
     )
-    _apply_liger_kernel_to_instance(model=model)
-    assert model.forward.__name__ == "lce_forward"  # the fused linear cross-entropy
-    assert model.model.norm.forward.__qualname__ == "LigerRMSNorm.forward"
-    assert model.model.layers[0].mlp.forward.__qualname__ == "LigerSwiGLUMLP.forward"
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 # ----------------------------------------------------------------------------- which attention isolates
