@@ -27,7 +27,9 @@ from kubetune import api, memory
 HERE = Path(__file__).resolve().parent
 GIB = 1024**3
 
-PACKED = {"batchSize": 2, "maxSeqLength": 2048, "packing": True}
+# torchtune's recipes take the loss over chunks of the output (CEWithChunkedOutputLoss): planned as
+# Liger's fused cross-entropy, which likewise never holds the whole batch's logits.
+PACKED = {"batchSize": 2, "maxSeqLength": 2048, "packing": True, "liger": True}
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QVO_MLP = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QKV = ["q_proj", "k_proj", "v_proj"]
@@ -186,6 +188,9 @@ def main() -> None:
               f"({row['difference']:+.0%}): {row['source']}")  # fmt: skip
     if args.measure:
         out["measured"] = measured()
+    elif args.json.exists():  # keep the last measured runs beside the new plans
+        out["measured"] = json.loads(args.json.read_text(encoding="utf-8")).get("measured", [])
+    if args.measure:
         for row in out["measured"]:
             print(f"{row['model']} {row['method']}: {row['measured_mib']} MiB measured, "
                   f"{row['planned_mib']} planned")  # fmt: skip

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/trainer_vs_peers.py                  # every side, 3 interleaved rounds
     .venv/bin/python bench/trainer_vs_peers.py --repeats 1 --sides recipe,kubetune
+    python3 bench/trainer_vs_peers.py --model llama-1b --repeats 1 --examples 1000 \
+        --median-tokens 440 --longest 1600 --max-seq-length 2048     # on a GPU, LoRA and QLoRA sides
 
 Every side fine-tunes the same base with the same LoRA (r 16, alpha 32, no dropout, all linear
 layers), on the same rows, 1 epoch, 16 examples per batch (where a side keeps batches of examples),
@@ -19,10 +21,27 @@ the same optimizer settings and seed:
     kubetune-fp32       the same with precision: fp32
     kubetune-padded     kubetune fp32 with padded batches (the layout before padding-free batches,
                         forced by the benchmark's own subprocess; optional)
+    kubetune-no-liger   kubetune's defaults with training.liger false (GPU)
+    recipe-qlora        the recipe on a 4-bit NF4 base (bitsandbytes, double quantization, bf16 compute,
+                        prepare_model_for_kbit_training), the QLoRA tutorial (GPU)
+    trl-qlora           TRL padding-free on the same 4-bit base (GPU)
+    kubetune-qlora      kubetune with method: qlora (its defaults: NF4, double quantization) (GPU)
+
+``--model tiny`` (the default) pretrains the built-in tiny Llama first (below) and compares
+validation losses. ``--model llama-1b`` builds a Llama with Llama-3.2-1B's shape (16 layers, hidden
+2048, vocabulary 128,256; random weights, the preset's tokenizer) for throughput on a GPU: its
+losses say nothing and are not measured. MFU = tokens/s x model FLOPs per token / the GPU's dense
+bf16 peak (989 TFLOP/s for an H100/H200 SXM), with 6 x (parameters less the input embedding) +
+6 x layers x hidden x mean example length (causal attention, forward and backward) FLOPs per
+token, the usual convention; LoRA skips the frozen weights' gradients, so its real work is about
+two thirds of that.
 
 The base can learn: the built-in tiny Llama is first pretrained in full (once per invocation, by
-kubetune with packing) on other rows of the same Markov chain mapped by another substitution, so
-it knows the format and the LoRA fine-tuning has to learn the new mapping. The validation loss is
+kubetune with packing) on rows of the same task with another substitution, so it knows the format
+and the LoRA fine-tuning has to learn the new mapping. The task is ``chain`` (each completion word
+follows from the one before through the substitution): with ``substitute`` (each completion word
+the image of the aligned prompt word) every side stalled at the same loss, that of predicting the
+words' marginal distribution, and the comparison said nothing. The validation loss is
 the mean cross-entropy over the completion tokens of the same held-out rows for every side, in
 fp32 (``kubetune.trainer.evaluation.validation_loss``). Tokens per second = real tokens through the
 model / Trainer's ``train_runtime``. Peak memory = ``ru_maxrss`` of each side's own subprocess.
@@ -60,8 +79,32 @@ from trainer_vs_recipe import (  # noqa: E402
 )
 
 SIDES = ("recipe", "trl", "trl-padding-free", "trl-packed", "kubetune-fp32", "kubetune")
-ALL_SIDES = (*SIDES, "kubetune-padded")
+GPU_SIDES = (
+    "kubetune",
+    "trl",
+    "trl-padding-free",
+    "recipe",
+    "kubetune-qlora",
+    "trl-qlora",
+    "recipe-qlora",
+    "kubetune-no-liger",
+    "trl-packed",
+)
+ALL_SIDES = (*SIDES, "kubetune-padded", "kubetune-no-liger", "recipe-qlora", "trl-qlora", "kubetune-qlora")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+# Llama-3.2-1B's shape; the tokenizer is the preset's (its ids are a subset of the vocabulary).
+LLAMA_1B: dict[str, Any] = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+}
+PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, the vendor's datasheet
 
 
 @dataclass(frozen=True)
@@ -75,6 +118,8 @@ class Settings:
     learning_rate: float
     warmup_ratio: float
     seed: int
+    cuda: bool = False
+    measure_loss: bool = True
 
 
 @dataclass
@@ -87,9 +132,10 @@ class SideResult:
     steps: int
     tokens_per_second: float
     peak_rss_mb: float
-    validation_loss: float
+    validation_loss: float | None
     precision: str
     load_before: float
+    peak_gpu_mb: float | None = None
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -107,17 +153,38 @@ def lora_config() -> Any:
     )
 
 
-def fp32_validation_loss(model: Any, settings: Settings, tokenizer: Any) -> float:
+def fp32_validation_loss(model: Any, settings: Settings, tokenizer: Any) -> float | None:
     """The same held-out completion loss for every side, in fp32 whatever the side trained in."""
     import torch
 
     from kubetune.trainer.evaluation import validation_loss
 
-    model = model.to(torch.float32)
+    if not settings.measure_loss:
+        return None
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model = model.to(torch.float32)
     model.eval()
     examples = completion_examples(read_jsonl(settings.validation_file), tokenizer)
     with torch.autocast("cpu", enabled=False):
         return validation_loss(model, examples, tokenizer.pad_token_id, batch_size=16)
+
+
+def load_4bit(base_dir: str) -> Any:
+    """The QLoRA tutorial's base: NF4 with double quantization and bf16 compute, ready for k-bit training."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0}
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
 class Counting:
@@ -152,14 +219,14 @@ def common_arguments(settings: Settings, output_dir: str) -> dict[str, Any]:
         "save_strategy": "no",
         "report_to": [],
         "disable_tqdm": True,
-        "use_cpu": True,
+        "use_cpu": not settings.cuda,
     }
 
 
 # ----------------------------------------------------------------------------- the sides
 
 
-def run_recipe(settings: Settings) -> dict[str, Any]:
+def run_recipe(settings: Settings, side: str) -> dict[str, Any]:
     import torch
     from peft import get_peft_model
     from transformers import (
@@ -171,13 +238,19 @@ def run_recipe(settings: Settings) -> dict[str, Any]:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(settings.base_dir)
-    model = AutoModelForCausalLM.from_pretrained(settings.base_dir, dtype=torch.float32)
+    if side == "recipe-qlora":
+        model = load_4bit(settings.base_dir)
+    else:  # on a GPU the tutorial loads and trains in bf16
+        dtype = torch.bfloat16 if settings.cuda else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(settings.base_dir, dtype=dtype)
     model = get_peft_model(model, lora_config())
     rows = read_jsonl(settings.train_file)
     texts = [r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]
     ids = tokenizer(texts, truncation=True, max_length=settings.max_seq_length)["input_ids"]
     collator = Counting(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
-    args = TrainingArguments(**common_arguments(settings, str(Path(settings.workdir) / "recipe")))
+    args = TrainingArguments(
+        **common_arguments(settings, str(Path(settings.workdir) / side)), bf16=settings.cuda
+    )
     trainer = Trainer(
         model=model, args=args, train_dataset=[{"input_ids": x} for x in ids], data_collator=collator
     )
@@ -187,7 +260,7 @@ def run_recipe(settings: Settings) -> dict[str, Any]:
         "tokens": collator.tokens,
         "slots": collator.slots,
         "steps": int(trainer.state.global_step),
-        "precision": "fp32",
+        "precision": "bf16" if settings.cuda else "fp32",
         "validation_loss": fp32_validation_loss(trainer.model, settings, tokenizer),
     }
 
@@ -202,12 +275,12 @@ def run_trl(settings: Settings, side: str) -> dict[str, Any]:
     config = SFTConfig(
         **common_arguments(settings, str(Path(settings.workdir) / side)),
         # TRL refuses max_length without packing when padding-free; no row here is longer anyway.
-        max_length=None if side == "trl-padding-free" else settings.max_seq_length,
+        max_length=None if side in ("trl-padding-free", "trl-qlora") else settings.max_seq_length,
         packing=side == "trl-packed",
-        padding_free=side == "trl-padding-free",
+        padding_free=side in ("trl-padding-free", "trl-qlora"),
     )
     trainer = SFTTrainer(
-        model=settings.base_dir,
+        model=load_4bit(settings.base_dir) if side == "trl-qlora" else settings.base_dir,
         args=config,
         train_dataset=train,
         processing_class=tokenizer,
@@ -255,8 +328,10 @@ def run_kubetune(settings: Settings, side: str) -> dict[str, Any]:
         "maxSeqLength": settings.max_seq_length,
         "seed": settings.seed,
     }
-    if side != "kubetune":
+    if side in ("kubetune-fp32", "kubetune-padded"):
         training["precision"] = "fp32"
+    if side == "kubetune-no-liger":
+        training["liger"] = False
     job = api.FineTuneJob.model_validate(
         {
             "metadata": {"name": "bench", "namespace": "bench"},
@@ -267,13 +342,13 @@ def run_kubetune(settings: Settings, side: str) -> dict[str, Any]:
                     "validation": settings.validation_file,
                     "format": "prompt-completion",
                 },
-                "method": "lora",
+                "method": "qlora" if side == "kubetune-qlora" else "lora",
                 "lora": LORA,
                 "training": training,
                 "evaluation": {"metrics": ["loss"], "baseline": False},
                 "export": {"merge": False},
                 "output": {"uri": str(Path(settings.workdir) / side / "out")},
-                "resources": {"gpus": 0},
+                "resources": {"gpus": 1 if settings.cuda else 0},
             },
         }
     )
@@ -289,14 +364,17 @@ def run_kubetune(settings: Settings, side: str) -> dict[str, Any]:
 
 
 def child(side: str, settings_file: Path, result_file: Path) -> None:
+    import torch
+
     settings = Settings(**json.loads(settings_file.read_text()))
-    if side == "recipe":
-        out = run_recipe(settings)
+    if side.startswith("recipe"):
+        out = run_recipe(settings, side)
     elif side.startswith("trl"):
         out = run_trl(settings, side)
     else:
         out = run_kubetune(settings, side)
     out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if settings.cuda else None
     result_file.write_text(json.dumps(out))
 
 
@@ -345,10 +423,46 @@ def pretrain_base(out: Path, rows_file: Path, workdir: Path, max_seq_length: int
     }
 
 
+def build_llama_1b(out: Path) -> None:
+    """Llama-3.2-1B's shape with random weights in bf16 and the preset's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kubetune.trainer import presets
+
+    tokenizer = AutoTokenizer.from_pretrained(presets.preset_path(PRESET))
+    config = LlamaConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **LLAMA_1B,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def flops_per_token(base_dir: str, mean_length: float) -> float:
+    """Model FLOPs per trained token (forward and backward): 6N plus causal attention."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    per_layer = d * (2 * d + 2 * kv) + 3 * d * config.intermediate_size
+    head = d * vocab
+    parameters = layers * per_layer + head
+    return 6 * parameters + 6 * layers * d * mean_length
+
+
 # ----------------------------------------------------------------------------- orchestration
 
 
-def run_side(side: str, repeat: int, settings_file: Path, workdir: Path, threads: int) -> SideResult:
+def run_side(
+    side: str, repeat: int, settings_file: Path, workdir: Path, threads: int, timeout: float | None = None
+) -> SideResult:
     result_file = workdir / f"{side}-{repeat}.json"
     load = load1()
     env = {
@@ -363,6 +477,7 @@ def run_side(side: str, repeat: int, settings_file: Path, workdir: Path, threads
         capture_output=True,
         text=True,
         check=False,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -379,18 +494,23 @@ def run_side(side: str, repeat: int, settings_file: Path, workdir: Path, threads
         validation_loss=raw["validation_loss"],
         precision=raw["precision"],
         load_before=load,
+        peak_gpu_mb=raw.get("peak_gpu_mb"),
     )
 
 
-def summarize(results: Sequence[SideResult], sides: Sequence[str]) -> list[dict[str, Any]]:
-    def median(side: str, key: str) -> float | None:
-        values = [getattr(r, key) for r in results if r.side == side]
+def summarize(
+    results: Sequence[SideResult], sides: Sequence[str], flops: float | None = None
+) -> list[dict[str, Any]]:
+    def median(side: str, key: str) -> Any:
+        values = [getattr(r, key) for r in results if r.side == side and getattr(r, key) is not None]
         return statistics.median(values) if values else None
 
     base_tps = median("recipe", "tokens_per_second")
     rows = []
     for side in sides:
         mine = [r for r in results if r.side == side]
+        if not mine:
+            continue
         tps = statistics.median(r.tokens_per_second for r in mine)
         rows.append(
             {
@@ -405,7 +525,9 @@ def summarize(results: Sequence[SideResult], sides: Sequence[str]) -> list[dict[
                 "steps": mine[0].steps,
                 "train_seconds": statistics.median(r.train_seconds for r in mine),
                 "peak_rss_mb": statistics.median(r.peak_rss_mb for r in mine),
-                "validation_loss": statistics.median(r.validation_loss for r in mine),
+                "peak_gpu_mb": median(side, "peak_gpu_mb"),
+                "mfu": tps * flops / PEAK_BF16_FLOPS if flops else None,
+                "validation_loss": median(side, "validation_loss"),
                 "loads": [round(r.load_before, 2) for r in mine],
             }
         )
@@ -415,33 +537,41 @@ def summarize(results: Sequence[SideResult], sides: Sequence[str]) -> list[dict[
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     header = (
         f"{'side':<17} {'runs':>4} {'tokens/s':>9} {'x recipe':>8} {'padding':>8} {'steps':>5} "
-        f"{'train s':>8} {'peak RSS MB':>11} {'val loss':>9}"
+        f"{'train s':>8} {'peak RSS MB':>11} {'GPU MB':>7} {'MFU':>6} {'val loss':>9}"
     )
     print(header)
     print("-" * len(header))
+
+    def shown(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
     for r in rows:
-        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
         print(
-            f"{r['side']:<17} {r['runs']:>4} {r['tokens_per_second']:>9,.0f} {speedup:>8} "
+            f"{r['side']:<17} {r['runs']:>4} {r['tokens_per_second']:>9,.0f} {shown(r['speedup'], '.2f'):>8} "
             f"{r['padding_share']:>8.1%} {r['steps']:>5} {r['train_seconds']:>8.1f} "
-            f"{r['peak_rss_mb']:>11.0f} {r['validation_loss']:>9.4f}"
+            f"{r['peak_rss_mb']:>11.0f} {shown(r['peak_gpu_mb'], '.0f'):>7} {shown(r['mfu'], '.1%'):>6} "
+            f"{shown(r['validation_loss'], '.4f'):>9}"
         )
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", choices=("tiny", "llama-1b"), default="tiny")
     parser.add_argument(
-        "--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(ALL_SIDES)}"
+        "--sides", help=f"comma-separated, from {', '.join(ALL_SIDES)} (default: the model's usual set)"
     )
     parser.add_argument("--examples", type=int, default=800, help="fine-tuning rows")
     parser.add_argument("--validation", type=int, default=200, help="held-out rows")
     parser.add_argument("--pretrain-examples", type=int, default=3000, help="rows that pretrain the base")
+    parser.add_argument("--median-tokens", type=int, default=110, help="median row length in tokens")
+    parser.add_argument("--longest", type=int, default=400, help="longest row in tokens")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--side-timeout", type=float, default=None, help="seconds before a side is given up")
     parser.add_argument(
         "--threads",
         type=int,
@@ -454,7 +584,8 @@ def main() -> int:
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return 0
-    sides = [s for s in args.sides.split(",") if s]
+    gpu = args.model == "llama-1b"
+    sides = [s for s in (args.sides or ",".join(GPU_SIDES if gpu else SIDES)).split(",") if s]
     unknown = set(sides) - set(ALL_SIDES)
     if unknown:
         parser.error(f"unknown sides: {', '.join(sorted(unknown))}")
@@ -464,29 +595,38 @@ def main() -> int:
 
     from kubetune.trainer import presets
 
+    output = args.output or HERE / "trainer_vs_peers.json"
+    cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
         workdir = Path(scratch)
         torch.set_num_threads(args.threads)
         tokenizer = AutoTokenizer.from_pretrained(presets.preset_path(PRESET))
-        rows = make_rows(tokenizer, args.examples + args.validation, seed=1234)
+        shape = {"task": "chain", "median": args.median_tokens, "longest": args.longest}
+        rows = make_rows(tokenizer, args.examples + args.validation, seed=1234, **shape)
         write_jsonl(workdir / "train.jsonl", rows[: args.examples])
         write_jsonl(workdir / "validation.jsonl", rows[args.examples :])
-        write_jsonl(
-            workdir / "pretrain.jsonl", make_rows(tokenizer, args.pretrain_examples, 1234, variant=99)
-        )
         lengths = sorted(len(e) for e in completion_examples(rows[: args.examples], tokenizer))
         print(
             f"data: {args.examples} rows, {args.validation} held out; tokens per row min {lengths[0]} "
             f"median {lengths[len(lengths) // 2]} max {lengths[-1]}, {sum(lengths):,} in all",
             flush=True,
         )
-        base = pretrain_base(
-            workdir / "base", workdir / "pretrain.jsonl", workdir / "pretrain", args.max_seq_length
-        )
-        print(
-            f"base: pretrained in full on {args.pretrain_examples} rows of the other mapping: {base}",
-            flush=True,
-        )
+        base: dict[str, Any]
+        if gpu:
+            build_started = time.monotonic()
+            build_llama_1b(workdir / "base")
+            seconds = round(time.monotonic() - build_started, 1)
+            base = {"model": "llama-1b (random weights)", "seconds": seconds}
+        else:
+            write_jsonl(
+                workdir / "pretrain.jsonl",
+                make_rows(tokenizer, args.pretrain_examples, 1234, variant=99, **shape),
+            )
+            base = pretrain_base(
+                workdir / "base", workdir / "pretrain.jsonl", workdir / "pretrain", args.max_seq_length
+            )
+        print(f"base: {base}", flush=True)
+        flops = flops_per_token(str(workdir / "base"), sum(lengths) / len(lengths)) if cuda else None
         settings = Settings(
             base_dir=str(workdir / "base"),
             train_file=str(workdir / "train.jsonl"),
@@ -497,51 +637,73 @@ def main() -> int:
             learning_rate=args.learning_rate,
             warmup_ratio=0.05,
             seed=42,
+            cuda=cuda,
+            measure_loss=not gpu,
         )
         settings_file = workdir / "settings.json"
         settings_file.write_text(json.dumps(asdict(settings)))
         results: list[SideResult] = []
+        failures: list[dict[str, Any]] = []
+
+        def record() -> list[dict[str, Any]]:
+            rows_out = summarize(results, sides, flops)
+            settings_out = {
+                "model": args.model,
+                "examples": args.examples,
+                "validation": args.validation,
+                "lora": LORA,
+                "threads": args.threads,
+                "median_tokens": args.median_tokens,
+                "longest": args.longest,
+                "flops_per_token": flops,
+                **{
+                    k: v
+                    for k, v in asdict(settings).items()
+                    if "file" not in k and k not in ("workdir", "base_dir")
+                },
+            }
+            output.write_text(
+                json.dumps(
+                    {
+                        "command": " ".join([".venv/bin/python", "bench/trainer_vs_peers.py", *sys.argv[1:]]),
+                        "started": started,
+                        "machine": machine(),
+                        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+                        "base": base,
+                        "settings": settings_out,
+                        "summary": rows_out,
+                        "failures": failures,
+                        "runs": [asdict(r) for r in results],
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+            return rows_out
+
         for repeat in range(args.repeats):
             for side in sides:
-                result = run_side(side, repeat, settings_file, workdir, args.threads)
+                try:
+                    result = run_side(side, repeat, settings_file, workdir, args.threads, args.side_timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    failures.append({"side": side, "repeat": repeat, "error": str(exc)[-3000:]})
+                    print(f"run {repeat + 1}/{args.repeats} {side} FAILED: {str(exc)[-1500:]}", flush=True)
+                    record()
+                    continue
                 results.append(result)
                 print(
                     f"run {repeat + 1}/{args.repeats} {side:<17} {result.tokens_per_second:>9,.0f} tokens/s "
                     f"{result.train_seconds:>7.1f}s RSS {result.peak_rss_mb:>6.0f} MB "
-                    f"val loss {result.validation_loss:.4f} (load {result.load_before:.2f})",
+                    f"GPU {result.peak_gpu_mb or 0:>6.0f} MB val loss {result.validation_loss} "
+                    f"(load {result.load_before:.2f})",
                     flush=True,
                 )
-    rows_out = summarize(results, sides)
+                record()
+        rows_out = record()
     print()
     print_table(rows_out)
-    output = args.output or HERE / "trainer_vs_peers.json"
-    output.write_text(
-        json.dumps(
-            {
-                "command": " ".join([".venv/bin/python", "bench/trainer_vs_peers.py", *sys.argv[1:]]),
-                "started": started,
-                "machine": machine(),
-                "base": base,
-                "settings": {
-                    "examples": args.examples,
-                    "validation": args.validation,
-                    "lora": LORA,
-                    "threads": args.threads,
-                    **{
-                        k: v
-                        for k, v in asdict(settings).items()
-                        if "file" not in k and k not in ("workdir", "base_dir")
-                    },
-                },
-                "summary": rows_out,
-                "runs": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
     print(f"\nraw figures: {output}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

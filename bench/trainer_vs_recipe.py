@@ -100,10 +100,24 @@ def single_token_words(tokenizer: Any) -> list[str]:
     return [w for w in words if tokenizer(" " + w, add_special_tokens=False)["input_ids"] == [vocab["Ġ" + w]]]
 
 
-def make_rows(tokenizer: Any, count: int, seed: int, variant: int | None = None) -> list[dict[str, str]]:
-    """Prompt-completion rows with log-normal token lengths (median ~110, clipped to 20..400).
+def make_rows(
+    tokenizer: Any,
+    count: int,
+    seed: int,
+    variant: int | None = None,
+    *,
+    task: str = "substitute",
+    median: int = 110,
+    longest: int = 400,
+) -> list[dict[str, str]]:
+    """Prompt-completion rows with log-normal token lengths (median ``median``, clipped to 20..longest).
 
-    ``variant``: other rows of the same Markov chain, mapped by another substitution.
+    The prompt is a walk of a Markov chain over single-token words. ``task`` says what follows:
+    ``substitute`` maps every prompt word through a fixed substitution (the model must look back at
+    the aligned prompt word); ``chain`` continues from the last prompt word by applying the
+    substitution to the previous completion word (each token follows from the one before, which a
+    small model learns in few steps). ``variant``: the same chain and prompts' distribution, mapped
+    by another substitution.
     """
     rng = random.Random(seed)
     words = single_token_words(tokenizer)
@@ -117,7 +131,7 @@ def make_rows(tokenizer: Any, count: int, seed: int, variant: int | None = None)
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     while len(rows) < count:
-        total = min(400, max(20, round(rng.lognormvariate(math.log(110), 0.65))))
+        total = min(longest, max(20, round(rng.lognormvariate(math.log(median), 0.65))))
         n = max(1, (total - overhead) // 2)
         seq = [rng.choice(words)]
         while len(seq) < n:
@@ -127,7 +141,13 @@ def make_rows(tokenizer: Any, count: int, seed: int, variant: int | None = None)
         if prompt in seen:
             continue
         seen.add(prompt)
-        rows.append({"prompt": prompt, "completion": "".join(" " + substitution[w] for w in seq)})
+        if task == "chain":
+            out = [substitution[seq[-1]]]
+            while len(out) < n:
+                out.append(substitution[out[-1]])
+        else:
+            out = [substitution[w] for w in seq]
+        rows.append({"prompt": prompt, "completion": "".join(" " + w for w in out)})
     return rows
 
 

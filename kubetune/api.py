@@ -205,11 +205,12 @@ class Training(Model):
             "installed, else the model's default (sdpa where it has it)."
         ),
     )
-    liger: bool | None = Field(
-        None,
+    liger: bool = Field(
+        False,
         description=(
-            "Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU). Unset: on with a CUDA "
-            "GPU for model types liger-kernel supports; true is refused where they cannot run."
+            "Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): less memory for the "
+            "loss at long rows and large vocabularies, slower at 1B on an H200 (bench/RESULTS.md). "
+            "Needs a CUDA GPU and a model type liger-kernel supports; refused where they cannot run."
         ),
     )
     seed: int = Field(42, ge=0, le=2**32 - 1)

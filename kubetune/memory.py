@@ -450,9 +450,9 @@ def _activations(
     else:
         kept = arch.num_layers * layer + layer
         note = f"{t.batch_size} x {t.max_seq_length} tokens, no checkpointing"
-    # Liger's fused linear cross-entropy (on by default on GPUs) never materializes the logits:
-    # it works through chunks of tokens, sized so that a chunk's logits are about the hidden states'.
-    if t.liger if t.liger is not None else c == 2:
+    # Liger's fused linear cross-entropy never materializes the logits: it works through chunks
+    # of tokens, sized so that a chunk's logits are about the hidden states'.
+    if t.liger:
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(arch.vocab_size / h)))))
         loss = Part(
             "logits and loss", tokens * h * 4 + chunk * arch.vocab_size * 8, "liger fused cross-entropy"
@@ -523,6 +523,8 @@ def _suggestions(spec: api.FineTuneJobSpec, arch: Architecture, plan: Plan) -> l
     checkpointing = t.resolved_gradient_checkpointing(arch.parameters)
     if not checkpointing and fits(training__gradient_checkpointing=True):
         out.append("training.gradientCheckpointing: true")
+    if not t.liger and spec.resources.gpus > 0 and fits(training__liger=True):
+        out.append("training.liger: true")
     keep = "raise gradientAccumulation to keep the effective batch"
     batch = _largest_batch(t.batch_size, lambda b: fits(training__batch_size=b))
     if batch:

@@ -76,6 +76,34 @@ def test_validation_work_is_capped_with_sensible_defaults(
     assert metrics["loss"] != pytest.approx(validation_loss(ctx.model, ctx.data.validation, pad, 4))
 
 
+def test_the_loss_evaluation_holds_bounded_logits_and_gives_the_same_loss(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """At a 128k vocabulary a full evaluation batch of logits would not fit beside the model."""
+    monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:2])
+    job = tiny_job(dataset={"train": "builtin:dates", "validationSplit": 0.1, "format": "prompt-completion"})
+    ctx = pipeline.execute(job, SilentReporter(), workdir=tmp_path / "work", output=str(tmp_path / "out"))
+    assert ctx.data is not None
+    model, examples, pad = ctx.model.eval(), ctx.data.validation[:24], ctx.tokenizer.pad_token_id
+    vocab = model.get_output_embeddings().weight.shape[0]
+    widest = max(len(e.input_ids) for e in examples)
+    budget = 2 * widest * vocab * 4  # two full rows of fp32 logits, or a slice of positions
+    rows_seen: list[int] = []
+    forward = model.forward
+
+    def counting(*args: object, **kwargs: torch.Tensor) -> object:
+        rows_seen.append(kwargs["input_ids"].size(0))
+        return forward(*args, **kwargs)
+
+    unbounded = validation_loss(model, examples, pad, batch_size=8)
+    monkeypatch.setattr(model, "forward", counting)
+    bounded = validation_loss(model, examples, pad, batch_size=8, logits_bytes=budget)
+    assert bounded == pytest.approx(unbounded, rel=1e-5)
+    assert max(rows_seen) <= 2 and sum(rows_seen) == len(examples)
+    sliced = validation_loss(model, examples, pad, batch_size=8, logits_bytes=vocab * 4 * 5)
+    assert sliced == pytest.approx(unbounded, rel=1e-5)
+
+
 def test_collective_timeout_from_the_spec_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tiny_job().spec
     assert spec.training.collective_timeout_seconds == 1800

@@ -92,17 +92,15 @@ def test_attention_auto_takes_flash_attention_where_it_is_installed_on_a_gpu() -
         modeling.choose_attention("flash_attention_3", cuda=True, flash_installed=installed)
 
 
-def test_liger_is_on_by_default_only_where_its_kernels_can_run() -> None:
-    def liger(requested: bool | None, **where: Any) -> bool:
+def test_liger_is_off_unless_asked_and_refused_where_its_kernels_cannot_run() -> None:
+    def liger(requested: bool, **where: Any) -> bool:
         settings: dict[str, Any] = {"cuda": True, "installed": True, "model_type": "llama"}
         settings.update(where)
         return modeling.choose_liger(requested, supported=frozenset({"llama", "qwen2"}), **settings)
 
-    assert liger(None) is True
-    assert liger(None, cuda=False) is False
-    assert liger(None, installed=False) is False
-    assert liger(None, model_type="mamba") is False
+    assert api.Training().liger is False
     assert liger(False) is False
+    assert liger(False, cuda=False) is False
     assert liger(True) is True
     with pytest.raises(InvalidJob, match=r"spec.training.liger: needs a CUDA GPU"):
         liger(True, cuda=False)

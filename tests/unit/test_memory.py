@@ -146,7 +146,7 @@ def test_the_tiny_preset_plans_on_the_cpu_without_a_budget() -> None:
 
 def test_fused_cross_entropy_replaces_the_fp32_logits_where_liger_runs() -> None:
     tokens = {"batchSize": 2, "maxSeqLength": 2048}
-    fused = memory.plan_job(spec(training=tokens)).part("logits and loss")  # liger unset: on with a GPU
-    plain = memory.plan_job(spec(training=tokens | {"liger": False})).part("logits and loss")
+    fused = memory.plan_job(spec(training=tokens | {"liger": True})).part("logits and loss")
+    plain = memory.plan_job(spec(training=tokens)).part("logits and loss")  # liger is off by default
     assert plain == 2 * 2048 * 128256 * 12  # bf16 logits, the fp32 copy, log-softmax and its gradient
     assert fused < plain / 10

@@ -42,7 +42,8 @@ def test_plan_exits_1_when_a_job_does_not_fit_and_says_what_would(tmp_path: Path
     result = CliRunner().invoke(app, ["plan", str(one_gpu)])
     assert result.exit_code == 1
     assert "does not fit; would fit with:" in result.output
-    assert "resources.gpus: 2 with training.strategy: fsdp" in result.output
+    # 8B in full: 2 GPUs would hold the sharded states but not the fp32 logits of 8 x 1024 tokens.
+    assert "resources.gpus: 4 with training.strategy: fsdp" in result.output
 
 
 def test_plan_reads_a_config_json_and_names_an_unknown_model(tmp_path: Path) -> None:
