@@ -373,6 +373,12 @@ class FineTuneJobSpec(Model):
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     suspend: bool = Field(False, description="Hold the job, or stop it while it runs.")
 
+    def resolved_strategy(self, processes: int) -> Literal["ddp", "fsdp"]:
+        """auto: FSDP for full fine-tuning with more than one process, DDP otherwise."""
+        if self.training.strategy != "auto":
+            return self.training.strategy
+        return "fsdp" if self.method == Method.FULL and processes > 1 else "ddp"
+
     def resolved_quantization(self) -> Quantization | None:
         """QLoRA without explicit settings means 4-bit NF4 with double quantization."""
         if self.method == Method.QLORA:
@@ -485,6 +491,14 @@ RULES: tuple[Rule, ...] = (
         message="quantization applies only to method qlora",
         holds=lambda s: s.quantization is None or s.method == Method.QLORA,
         field="quantization",
+    ),
+    Rule(
+        path="spec",
+        cel="self.training.strategy != 'fsdp' || self.method != 'qlora'",
+        message="fsdp does not shard 4-bit weights here: use strategy ddp for qlora (one 4-bit base "
+        "per GPU), or method lora with fsdp",
+        holds=lambda s: s.training.strategy != "fsdp" or s.method != Method.QLORA,
+        field="training.strategy",
     ),
     Rule(
         path="spec.dataset",

@@ -39,8 +39,6 @@ NF4_BYTES = (4 + 32 / 64) / 8  # fp32 absmax per 64
 INT8_BYTES = 1 + 4 / 4096  # int8 codes and a row statistic (LLM.int8)
 
 Strategy = Literal["ddp", "fsdp"]
-# The plan sizes FSDP as FSDP2 shards; the trainer itself does not shard yet.
-FSDP_NOT_YET = "planned for fsdp; the trainer does not shard yet and trains with ddp"
 
 _SUFFIXES: dict[str, float] = {
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
@@ -232,11 +230,7 @@ def processes(spec: api.FineTuneJobSpec) -> int:
 
 
 def resolve_strategy(spec: api.FineTuneJobSpec) -> Strategy:
-    """auto: FSDP for full fine-tuning with more than one process, DDP otherwise."""
-    chosen = spec.training.strategy
-    if chosen != "auto":
-        return "fsdp" if chosen == "fsdp" else "ddp"
-    return "fsdp" if spec.method == api.Method.FULL and processes(spec) > 1 else "ddp"
+    return spec.resolved_strategy(processes(spec))
 
 
 def adapter_parameters(arch: Architecture, lora: api.Lora) -> int:
@@ -303,8 +297,6 @@ class Plan:
             f"{self.model} {self.method}: {gib(self.peak)} per {unit} of {gib(self.budget)} "
             f"({where}): {'fits' if self.fits else 'does not fit'}"
         )
-        if self.strategy == "fsdp":
-            head += f" ({FSDP_NOT_YET})"
         if self.fits or not self.suggestions:
             return head
         return f"{head}; would fit with: {'; '.join(self.suggestions)}"

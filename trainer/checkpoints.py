@@ -11,6 +11,11 @@ collective while it talks to storage: the Trainer's files are hard-linked into a
 own rotation may delete them meanwhile), at most one snapshot waits behind the one uploading
 (then saving blocks: disk use stays bounded), and the last upload is awaited before training
 is over. A failed upload fails the run at the next save or at the end.
+
+Under FSDP every rank writes its own shard files, and on several nodes each node holds only its
+ranks' files: there the first process of every node uploads what its node wrote, while training
+waits, and rank 0 writes the marker once all of them are done. A restore downloads every shard to
+every node, so a run resumes on another number of processes too (the shards are resharded on load).
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class CheckpointSync(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.fsdp:
+            self._save_shards(local, state.global_step)
+            return
         if not state.is_world_process_zero or not local.is_dir():
             return
         self._raise_failed()
@@ -97,6 +105,17 @@ class CheckpointSync(TrainerCallback):
             self._worker = threading.Thread(target=self._upload_loop, name="checkpoint-upload", daemon=True)
             self._worker.start()
         self._queue.put(snapshot)
+
+    def _save_shards(self, local: Path, step: int) -> None:
+        distributed.barrier()  # every rank's files of this step are written
+        target = self.remote.join(f"step-{step}")
+        if distributed.local_rank() == 0:
+            self.ctx.store.upload_prefix(local, target)
+        distributed.barrier()  # every node's files are in storage
+        if distributed.is_main():
+            self.ctx.store.write_text(target.join(MARKER), f"{step}\n")
+            self.uploaded.append(step)
+            self._prune(step)
 
     def wait(self) -> None:
         """Until every checkpoint saved so far is uploaded with its marker; raises its error."""

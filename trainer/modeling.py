@@ -276,6 +276,28 @@ def load_base(spec: api.FineTuneJobSpec, source: str, *, quantized: bool) -> Any
     return model
 
 
+def placement(workdir: Path) -> dict[str, Any]:
+    """from_pretrained options for a model rank 0 loads alone after training: on GPUs spread by
+    accelerate over the node's devices (then host memory, then disk), else on the CPU."""
+    if torch.cuda.is_available():
+        return {"device_map": "auto", "offload_folder": str(workdir / "offload")}
+    return {}
+
+
+def load_trained(spec: api.FineTuneJobSpec, source: str, staged: Path, workdir: Path) -> Any:
+    """The trained model from its staged files: merged weights (full) or base + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(spec.training.precision)
+    options = SAFE_LOAD | placement(workdir)
+    if spec.method == api.Method.FULL:
+        return AutoModelForCausalLM.from_pretrained(staged, dtype=dtype, **options)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub_options(spec, source), **options)
+    return PeftModel.from_pretrained(base, staged)
+
+
 def lora_config(spec: api.FineTuneJobSpec) -> Any:
     from peft import LoraConfig
 

@@ -119,9 +119,7 @@ def check(ctx: RunContext, probe: dict[str, torch.Tensor], merged_dir: Path) -> 
 
     assert ctx.model_source is not None
     dtype = modeling.compute_dtype(ctx.spec.training.precision)
-    placement: dict[str, Any] = {}
-    if torch.cuda.is_available():
-        placement = {"device_map": "auto", "offload_folder": str(ctx.workdir / "offload")}
+    placement = modeling.placement(ctx.workdir)
     options = modeling.hub_options(ctx.spec, ctx.model_source) | modeling.SAFE_LOAD | placement
     base = AutoModelForCausalLM.from_pretrained(ctx.model_source, dtype=dtype, **options)
     reference = _logits(PeftModel.from_pretrained(base, ctx.staging / "adapter"), probe)

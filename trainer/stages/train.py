@@ -25,16 +25,23 @@ from kubetune.trainer.data import PackedCollator, PaddingCollator
 
 
 def training_arguments(
-    spec: api.FineTuneJobSpec, output_dir: Path, *, has_validation: bool, model: Any = None
+    spec: api.FineTuneJobSpec,
+    output_dir: Path,
+    *,
+    has_validation: bool,
+    model: Any = None,
+    processes: int | None = None,
 ) -> TrainingArguments:
     """The spec's training section in transformers' terms (pure: no I/O happens here).
 
     ``model``, where given, settles what depends on it: gradient checkpointing by its size, Liger
-    kernels by its type.
+    kernels by its type. ``processes``: how many train together (default: this launch's world size).
     """
     t = spec.training
     dtype = modeling.compute_dtype(t.precision)
     checkpointing = t.resolved_gradient_checkpointing(modeling.base_parameters(model) if model else 0)
+    processes = distributed.world_size() if processes is None else processes
+    sharded = spec.resolved_strategy(processes) == "fsdp" and processes > 1
     liger = modeling.liger_of(t.liger, model) if model is not None else bool(t.liger)
     evaluating = has_validation and t.eval_every is not None
     saving = t.checkpoint_every is not None or (evaluating and t.early_stopping is not None)
@@ -56,8 +63,11 @@ def training_arguments(
         max_steps=t.max_steps if t.max_steps is not None else -1,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        # Under FSDP its own checkpointing, which spares the backward pass a second all-gather.
+        activation_checkpointing=checkpointing and not sharded,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing and not sharded else None,
+        fsdp=sharded or None,  # type: ignore[arg-type]  # documented as a bool, annotated as str
+        fsdp_config=fsdp_config(checkpointing) if sharded else None,
         use_liger_kernel=liger,
         seed=t.seed,
         data_seed=t.seed,
@@ -77,6 +87,18 @@ def training_arguments(
         ddp_timeout=int(distributed.collective_timeout(t.collective_timeout_seconds).total_seconds()),
         dataloader_num_workers=0,
     )
+
+
+def fsdp_config(checkpointing: bool) -> dict[str, Any]:
+    """FSDP2 through accelerate: each transformer block (the model's ``_no_split_modules``) one
+    unit, checkpoints saved as one shard per rank (torch.distributed.checkpoint, which reshards
+    on load, so a run resumes on another number of processes)."""
+    return {
+        "version": 2,
+        "reshard_after_forward": True,
+        "activation_checkpointing": checkpointing,
+        "state_dict_type": "SHARDED_STATE_DICT",
+    }
 
 
 class CountingCollator:
@@ -168,11 +190,21 @@ def run(ctx: RunContext) -> None:
     args = training_arguments(
         spec, ctx.workdir / "trainer", has_validation=bool(data.validation), model=ctx.model
     )
+    processes = distributed.world_size()
+    fsdp: dict[str, Any] = args.fsdp_config if args.fsdp and isinstance(args.fsdp_config, dict) else {}
+    checkpointing = bool(args.activation_checkpointing or fsdp.get("activation_checkpointing"))
+    parallelism = (
+        f"{'FSDP2, weights, gradients and optimizer states sharded' if args.fsdp else 'DDP'} "
+        f"over {processes} processes"
+        if processes > 1
+        else ""
+    )
     ctx.reporter.log(
         f"train: {modeling.precision_of(spec.training.precision).why}; "
         f"attention {modeling.attention_of(ctx.model)}; batches {layout}; "
-        f"gradient checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+        f"gradient checkpointing {'on' if checkpointing else 'off'}; "
         f"Liger kernels {'on' if args.use_liger_kernel else 'off'}"
+        + (f"; {parallelism}" if parallelism else "")
     )
     callbacks: list[TrainerCallback] = [ReportProgress(ctx, counter)]
     if args.load_best_model_at_end and spec.training.early_stopping is not None:
@@ -217,9 +249,25 @@ def run(ctx: RunContext) -> None:
     ctx.trained_tokens = counter.tokens
     ctx.checks["train_runtime_seconds"] = runtime
     ctx.checks["global_step"] = float(trainer.state.global_step)
-    model: Any = trainer.model
-    ctx.model = model
+    target = ctx.staging / ("merged" if spec.method == api.Method.FULL else "adapter")
+    if trainer.is_fsdp_enabled:
+        ctx.model = save_sharded(trainer, ctx, target)
+    else:
+        ctx.model = trainer.model
+        if trainer.is_world_process_zero():
+            ctx.model.save_pretrained(target, safe_serialization=True)
     if trainer.is_world_process_zero():
-        target = ctx.staging / ("merged" if spec.method == api.Method.FULL else "adapter")
-        model.save_pretrained(target, safe_serialization=True)
         ctx.tokenizer.save_pretrained(target)
+
+
+def save_sharded(trainer: Trainer, ctx: RunContext, target: Path) -> Any:
+    """Every rank gives its shards; rank 0 writes the full weights (or adapter) in HF layout and
+    loads them back for the stages it runs alone: the sharded model needs every rank to compute."""
+    state = trainer.accelerator.get_state_dict(trainer.model)  # collective; full on rank 0, in host memory
+    if not trainer.is_world_process_zero():
+        return None
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.save_pretrained(target, state_dict=state, safe_serialization=True)
+    del state
+    assert ctx.model_source is not None
+    return modeling.load_trained(ctx.spec, ctx.model_source, target, ctx.workdir)

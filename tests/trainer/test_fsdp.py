@@ -1,0 +1,117 @@
+"""FSDP2 on the CPU: sharded training, sharded checkpoints, resuming on another number of processes.
+
+accelerate runs FSDP only on GPU process groups; ``fsdp_on_cpu/sitecustomize.py`` (on these
+runs' PYTHONPATH alone) lets its own FSDP2 path run on gloo, since this machine has no GPU. The
+trainer, transformers and torch run unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kubetune import api
+from kubetune.trainer.stages import train as train_stage
+
+from .conftest import tiny_job
+from .test_distributed import EVAL, env, free_port
+
+pytestmark = pytest.mark.training
+SHIM = Path(__file__).with_name("fsdp_on_cpu")
+KUBETUNE = [sys.executable, "-m", "kubetune"]
+TRAINING = {"maxSteps": 6, "learningRate": 0.003, "batchSize": 8, "maxSeqLength": 32, "precision": "fp32"}
+
+
+def run(
+    tmp_path: Path, name: str, launch: list[str], *, method: str = "full", **training: Any
+) -> subprocess.Popen[str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    job = tmp_path / f"{name}.json"
+    spec = {"training": TRAINING | training, "evaluation": EVAL, "method": method}
+    job.write_text(tiny_job(name, **spec).model_dump_json(by_alias=True))
+    extra = {"KUBETUNE_WORKDIR": str(tmp_path / "work" / name), "PYTHONPATH": str(SHIM)}
+    return subprocess.Popen(
+        [*KUBETUNE, "run", str(job), "--output", str(tmp_path / "out"), *launch],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(tmp_path, **extra),
+    )  # fmt: skip
+
+
+def finished(process: subprocess.Popen[str]) -> str:
+    log = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, log
+    return log
+
+
+def test_fsdp_is_chosen_for_full_fine_tuning_on_several_processes() -> None:
+    full = tiny_job(method="full", training={"maxSteps": 2, "gradientCheckpointing": True}).spec
+    lora = tiny_job(training={"maxSteps": 2}).spec
+
+    def arguments(spec: api.FineTuneJobSpec, processes: int) -> Any:
+        return train_stage.training_arguments(spec, Path("unused"), has_validation=False, processes=processes)
+
+    args = arguments(full, 2)
+    assert args.fsdp and isinstance(args.fsdp_config, dict)
+    assert args.fsdp_config["version"] == 2 and args.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert args.fsdp_config["activation_checkpointing"] and not args.activation_checkpointing
+    assert not arguments(lora, 2).fsdp  # auto: LoRA's replicated state is small
+    assert not arguments(full, 1).fsdp  # one process: nothing to shard over
+    assert arguments(full, 1).activation_checkpointing
+    assert full.resolved_strategy(8) == "fsdp" and lora.resolved_strategy(8) == "ddp"
+
+
+@pytest.mark.parametrize(
+    ("method", "weights"),
+    [("full", "merged/model.safetensors"), ("lora", "adapter/adapter_model.safetensors")],
+)
+def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
+    tmp_path: Path, method: str, weights: str
+) -> None:
+    two = ["--nproc-per-node", "2"]
+    sharded = finished(run(tmp_path / "fsdp", "fsdp", two, method=method, strategy="fsdp", checkpointEvery=3))
+    replicated = finished(run(tmp_path / "ddp", "ddp", two, method=method, strategy="ddp"))
+    assert "FSDP2, weights, gradients and optimizer states sharded over 2 processes" in sharded
+    assert "DDP over 2 processes" in replicated
+    a, b = (load_file(tmp_path / side / "out" / weights) for side in ("fsdp", "ddp"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    step = tmp_path / "fsdp" / "out" / "checkpoints" / "step-6"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (step / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (step / "COMPLETE").exists() and not (step / "model.safetensors").exists()
+
+
+def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:
+    nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    first = [
+        run(tmp_path, f"node{i}", [*nodes, "--rdzv-id", "f"], strategy="fsdp", checkpointEvery=3)
+        for i in range(2)
+    ]
+    for node in first:
+        finished(node)
+    step = tmp_path / "out" / "checkpoints" / "step-6"
+    # Each node's disk held only its own rank's shard: both are in storage, with the marker.
+    local = [sorted(p.name for p in (tmp_path / "work" / f"node{i}").rglob("*.distcp")) for i in range(2)]
+    assert all(len(set(names)) == 1 for names in local) and local[0] != local[1]
+    assert sorted(p.name for p in (step / "pytorch_model_fsdp_0").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    assert (step / "COMPLETE").exists()
+    before = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+
+    three = ["--nproc-per-node", "3"]
+    log = finished(run(tmp_path, "three", three, strategy="fsdp", checkpointEvery=3, maxSteps=9))
+    assert "resuming from checkpoint step 6" in log
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    losses = {h["step"]: h["loss"] for h in history if "loss" in h}
+    assert sorted(losses) == list(range(1, 10)), "an optimizer step was repeated or lost"
+    assert {h["step"]: h["loss"] for h in before if "loss" in h}.items() <= losses.items()
+    assert losses[9] < losses[6], "training went on from the restored weights and optimizer"
