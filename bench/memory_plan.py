@@ -1,22 +1,24 @@
 """The memory plan against published figures and against real CPU training runs.
 
     .venv/bin/python -P bench/memory_plan.py                 # published comparisons only (instant)
-    .venv/bin/python -P bench/memory_plan.py --measure       # plus CPU runs of the tiny preset
+    .venv/bin/python -P bench/memory_plan.py --measure       # plus CPU runs: tiny and 27M, 1 and 2 processes
 
 Published: torchtune's README table "Memory and training speed" (Llama 3.1, batch size 2,
 packed to 2048 tokens, torch.compile on; the configs named below) and the QLoRA paper
 (Dettmers et al. 2023: a 65B model fine-tuned on one 48 GB GPU). Each is planned with the
 settings of that run as far as a FineTuneJob can express them.
 
-Measured: the tiny preset trained by kubetune's own train stage for a few steps in a fresh
-process per method; the peak RSS (VmHWM) above the RSS just before the model was loaded is
-compared with the plan of the same spec on the CPU.
+Measured: the tiny preset and a 27M Llama built like it, trained by kubetune's own train stage
+for a few steps in fresh processes, one or two (FSDP for full and LoRA, DDP for QLoRA); the
+largest per-process peak RSS (VmHWM) at the end of the training loop above the RSS just before
+the model was loaded is compared with the plan of the same spec on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,10 +111,30 @@ TINY: dict[str, Any] = {
     "output": {"uri": "unused"},
     "resources": {"gpus": 0},
 }  # fmt: skip
+# accelerate enables FSDP only on GPUs; the tests' shim lets its FSDP2 path run on gloo here.
+FSDP_ON_CPU = HERE.parent / "tests" / "trainer" / "fsdp_on_cpu"
 
 
-def child(method: str, workdir: str) -> None:
-    """Prepare, then load and train in this process; prints RSS before the model and the peak."""
+def measured_spec(method: str, model_dir: str | None, processes: int) -> dict[str, Any]:
+    """The spec of one measured run; several CPU processes are planned as one per node."""
+    spec: dict[str, Any] = {**TINY, "method": method}
+    if model_dir is not None:
+        spec["model"] = {"uri": model_dir}
+    if method == "qlora":
+        spec["quantization"] = {"bits": 4, "computeDtype": "float32"}
+    if processes > 1:
+        strategy = "ddp" if method == "qlora" else "fsdp"
+        spec["training"] = {**TINY["training"], "strategy": strategy}
+        spec["resources"] = {"gpus": 0, "nodes": processes}
+    return spec
+
+
+def child(method: str, workdir: str, model_dir: str, processes: int) -> None:
+    """Prepare, then load and train in this process; prints RSS before the model and the peak
+    at the end of the training loop (before the trained weights are gathered and saved)."""
+    from transformers import Trainer
+
+    from kubetune.trainer import distributed
     from kubetune.trainer.context import RunContext
     from kubetune.trainer.modeling import trainable_model
     from kubetune.trainer.pipeline import artifact_root
@@ -121,21 +143,32 @@ def child(method: str, workdir: str) -> None:
     from kubetune.trainer.stages import fetch, prepare, train
 
     quiet_libraries()
-    spec = {**TINY, "method": method}
-    if method == "qlora":
-        spec["quantization"] = {"bits": 4, "computeDtype": "float32"}
+    distributed.init()
+    spec = measured_spec(method, model_dir or None, processes)
+    spec["resources"] = TINY["resources"]  # the run itself: CPU processes of this launch
     job = api.FineTuneJob.model_validate(
         {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "m"}, "spec": spec}
     )
-    ctx = RunContext(job=job, workdir=Path(workdir), output=artifact_root(job, workdir + "/out"),
-                     store=None, reporter=SilentReporter(), run_id="bench")  # type: ignore[arg-type]  # fmt: skip
+    ctx = RunContext(job=job, workdir=Path(workdir) / f"rank{distributed.rank()}",
+                     output=artifact_root(job, workdir + "/out"), store=None,  # type: ignore[arg-type]
+                     reporter=SilentReporter(), run_id="bench")  # fmt: skip
     fetch.run(ctx)
     prepare.run(ctx)
     before = _status("VmRSS")
+    peak = {"bytes": 0}
+    plain = Trainer.train
+
+    def measured_train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = plain(self, *args, **kwargs)
+        peak["bytes"] = _status("VmHWM")
+        return out
+
+    Trainer.train = measured_train  # type: ignore[method-assign]
     assert ctx.model_source is not None
     ctx.model = trainable_model(job.spec, ctx.model_source)
     train.run(ctx)
-    print(json.dumps({"before_bytes": before, "peak_bytes": _status("VmHWM")}))
+    print(json.dumps({"rank": distributed.rank(), "before_bytes": before, "peak_bytes": peak["bytes"]}))
+    distributed.shutdown()
 
 
 def _status(field: str) -> int:
@@ -148,39 +181,66 @@ def _status(field: str) -> int:
 def measured() -> list[dict[str, Any]]:
     import tempfile
 
+    sys.path.insert(0, str(HERE))  # run with -P: the benchmarks beside this file
+    from trainer_vs_recipe import build_small_model
+
     rows = []
-    for method in ("full", "lora", "qlora"):
-        with tempfile.TemporaryDirectory() as scratch:
-            result = subprocess.run(
-                [sys.executable, "-P", __file__, "--child", method, scratch],
-                check=True, capture_output=True, text=True, cwd=HERE.parent,
-            )  # fmt: skip
-        figures = json.loads(result.stdout.strip().splitlines()[-1])
-        spec = {**TINY, "method": method}
-        if method == "qlora":
-            spec["quantization"] = {"bits": 4, "computeDtype": "float32"}
-        plan = memory.plan_job(api.FineTuneJobSpec.model_validate(spec))
-        used = figures["peak_bytes"] - figures["before_bytes"]
-        rows.append(
-            {
-                "model": "kubetune/tiny-llama",
-                "method": method,
-                "measured_mib": round(used / 2**20, 1),
-                "planned_mib": round(plan.training / 2**20, 1),
-                "parts_mib": {p.name: round(p.bytes / 2**20, 2) for p in plan.parts},
-            }
-        )
+    with tempfile.TemporaryDirectory() as models:
+        small = Path(models) / "small"
+        build_small_model(small)
+        for name, model_dir in (("kubetune/tiny-llama", ""), ("small (27M Llama)", str(small))):
+            for method in ("full", "lora", "qlora"):
+                for processes in (1, 2):
+                    rows.append(_measure(name, model_dir, method, processes))
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _measure(name: str, model_dir: str, method: str, processes: int) -> dict[str, Any]:
+    import tempfile
+
+    launch = [sys.executable, "-P"]
+    if processes > 1:
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+        ]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(FSDP_ON_CPU)}
+    with tempfile.TemporaryDirectory() as scratch:
+        result = subprocess.run(
+            [*launch, __file__, "--child", method, scratch, model_dir, str(processes)],
+            check=True, capture_output=True, text=True, cwd=HERE.parent, env=env,
+        )  # fmt: skip
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"rank"')]
+    used = max(r["peak_bytes"] - r["before_bytes"] for r in ranks)
+    spec = measured_spec(method, model_dir or None, processes)
+    job = api.FineTuneJob.model_validate(
+        {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "m"}, "spec": spec}
+    )
+    plan = memory.plan_job(job.spec)
+    return {
+        "model": name,
+        "method": method,
+        "processes": processes,
+        "strategy": plan.strategy,
+        "measured_mib": round(used / 2**20, 1),
+        "planned_mib": round(plan.training / 2**20, 1),
+        "parts_mib": {p.name: round(p.bytes / 2**20, 2) for p in plan.parts},
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--child", nargs=2, metavar=("METHOD", "WORKDIR"))
+    parser.add_argument("--child", nargs=4, metavar=("METHOD", "WORKDIR", "MODEL_DIR", "PROCESSES"))
     parser.add_argument("--measure", action="store_true")
     parser.add_argument("--json", type=Path, default=HERE / "memory_plan.json")
     args = parser.parse_args()
     if args.child:
-        child(*args.child)
+        method, workdir, model_dir, processes = args.child
+        child(method, workdir, model_dir, int(processes))
         return
     out: dict[str, Any] = {"published": published()}
     for row in out["published"]:
@@ -192,8 +252,8 @@ def main() -> None:
         out["measured"] = json.loads(args.json.read_text(encoding="utf-8")).get("measured", [])
     if args.measure:
         for row in out["measured"]:
-            print(f"{row['model']} {row['method']}: {row['measured_mib']} MiB measured, "
-                  f"{row['planned_mib']} planned")  # fmt: skip
+            print(f"{row['model']} {row['method']} x{row['processes']} {row['strategy']}: "
+                  f"{row['measured_mib']} MiB measured, {row['planned_mib']} planned")  # fmt: skip
     args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 

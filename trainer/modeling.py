@@ -284,18 +284,22 @@ def placement(workdir: Path) -> dict[str, Any]:
     return {}
 
 
-def load_trained(spec: api.FineTuneJobSpec, source: str, staged: Path, workdir: Path) -> Any:
-    """The trained model from its staged files: merged weights (full) or base + adapter."""
+def load_placed(spec: api.FineTuneJobSpec, weights: str | Path, workdir: Path) -> Any:
+    """A model to evaluate on rank 0 alone, in the compute dtype, placed as ``placement`` says."""
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(spec.training.precision)
-    options = SAFE_LOAD | placement(workdir)
+    options = hub_options(spec, str(weights)) | SAFE_LOAD | placement(workdir)
+    return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, **options)
+
+
+def load_trained(spec: api.FineTuneJobSpec, source: str, staged: Path, workdir: Path) -> Any:
+    """The trained model from its staged files: merged weights (full) or base + adapter."""
     if spec.method == api.Method.FULL:
-        return AutoModelForCausalLM.from_pretrained(staged, dtype=dtype, **options)
+        return load_placed(spec, staged, workdir)
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub_options(spec, source), **options)
-    return PeftModel.from_pretrained(base, staged)
+    return PeftModel.from_pretrained(load_placed(spec, source, workdir), staged)
 
 
 def lora_config(spec: api.FineTuneJobSpec) -> Any:
@@ -312,11 +316,27 @@ def lora_config(spec: api.FineTuneJobSpec) -> Any:
     )
 
 
+def sharded(spec: api.FineTuneJobSpec, processes: int | None = None) -> bool:
+    """Whether training shards with FSDP: several processes (default: this launch's) and strategy
+    fsdp (or auto, for full fine-tuning)."""
+    processes = distributed.world_size() if processes is None else processes
+    return processes > 1 and spec.resolved_strategy(processes) == "fsdp"
+
+
 def trainable_model(spec: api.FineTuneJobSpec, source: str) -> Any:
-    """The model the trainer optimizes: the base itself (full) or the base with an adapter."""
+    """The model the trainer optimizes: the base itself (full) or the base with an adapter.
+
+    Under FSDP only the first process of each node reads the weights, into host memory; the
+    others build the model on the meta device, and FSDP hands every rank its shards from rank 0
+    when it wraps the model. Each GPU then only ever holds its shards.
+    """
     quantized = spec.method == api.Method.QLORA
+    if sharded(spec):
+        # transformers reads these at load time; TrainingArguments sets them too, but later.
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
     model = load_base(spec, source, quantized=quantized)
-    if not quantized:  # k-bit weights are placed as they load (device_map) and cannot move
+    if not quantized and not sharded(spec):  # k-bit weights are placed as they load (device_map)
         # On this process's device now: the baseline evaluation runs before Trainer would move it.
         model = model.to(device())
     if spec.method == api.Method.FULL:

@@ -53,6 +53,7 @@ DELETE = object()
 class Merged(dict[str, Any]):
     """Keys merged into the node at the path, for rules that relate several fields."""
 
+
 # (mutation path, value, expected error field path, words the message must contain)
 INVALID = [
     ("apiVersion", "kubetune.io/v1", "apiVersion", "kubetune.io/v1alpha1"),

@@ -115,17 +115,13 @@ def check(ctx: RunContext, probe: dict[str, torch.Tensor], merged_dir: Path) -> 
     """Base + adapter against the written merge, one model in memory at a time. On a GPU the
     models are dispatched by accelerate (what does not fit goes to host memory, then disk)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     assert ctx.model_source is not None
-    dtype = modeling.compute_dtype(ctx.spec.training.precision)
-    placement = modeling.placement(ctx.workdir)
-    options = modeling.hub_options(ctx.spec, ctx.model_source) | modeling.SAFE_LOAD | placement
-    base = AutoModelForCausalLM.from_pretrained(ctx.model_source, dtype=dtype, **options)
+    base = modeling.load_placed(ctx.spec, ctx.model_source, ctx.workdir)
     reference = _logits(PeftModel.from_pretrained(base, ctx.staging / "adapter"), probe)
     del base
     gc.collect()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, **modeling.SAFE_LOAD, **placement)
+    merged = modeling.load_placed(ctx.spec, merged_dir, ctx.workdir)
     candidate = _logits(merged, probe)
     del merged
     gc.collect()

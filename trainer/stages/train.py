@@ -40,8 +40,7 @@ def training_arguments(
     t = spec.training
     dtype = modeling.compute_dtype(t.precision)
     checkpointing = t.resolved_gradient_checkpointing(modeling.base_parameters(model) if model else 0)
-    processes = distributed.world_size() if processes is None else processes
-    sharded = spec.resolved_strategy(processes) == "fsdp" and processes > 1
+    sharded = modeling.sharded(spec, processes)
     liger = modeling.liger_of(t.liger, model) if model is not None else bool(t.liger)
     evaluating = has_validation and t.eval_every is not None
     saving = t.checkpoint_every is not None or (evaluating and t.early_stopping is not None)
@@ -91,12 +90,15 @@ def training_arguments(
 
 def fsdp_config(checkpointing: bool) -> dict[str, Any]:
     """FSDP2 through accelerate: each transformer block (the model's ``_no_split_modules``) one
-    unit, checkpoints saved as one shard per rank (torch.distributed.checkpoint, which reshards
-    on load, so a run resumes on another number of processes)."""
+    unit; the weights read by one process per node and sent to the others as shards (see
+    ``modeling.trainable_model``); checkpoints saved as one shard per rank
+    (torch.distributed.checkpoint, which reshards on load: a run resumes on another number of
+    processes)."""
     return {
         "version": 2,
         "reshard_after_forward": True,
         "activation_checkpointing": checkpointing,
+        "cpu_ram_efficient_loading": True,
         "state_dict_type": "SHARDED_STATE_DICT",
     }
 
