@@ -493,14 +493,6 @@ RULES: tuple[Rule, ...] = (
         field="quantization",
     ),
     Rule(
-        path="spec",
-        cel="self.training.strategy != 'fsdp' || self.method != 'qlora'",
-        message="fsdp does not shard 4-bit weights here: use strategy ddp for qlora (one 4-bit base "
-        "per GPU), or method lora with fsdp",
-        holds=lambda s: s.training.strategy != "fsdp" or s.method != Method.QLORA,
-        field="training.strategy",
-    ),
-    Rule(
         path="spec.dataset",
         cel="!(has(self.validation) && has(self.validationSplit))",
         message="set at most one of validation and validationSplit",

@@ -399,7 +399,7 @@ def estimate(
     )
     if on_gpu:
         parts.append(Part("runtime", CUDA_OVERHEAD, "CUDA context, workspaces"))
-    stages = _stages(spec, arch, c=c)
+    stages = _stages(spec, arch, c=c, ranks=ranks)
     budget = parse_quantity(spec.resources.gpu_memory) if on_gpu else _cpu_budget(spec)
     plan = Plan(
         model=model or spec.model.name or spec.model.uri or "model",
@@ -455,9 +455,14 @@ def _activations(
     return [Part("activations", tokens * kept, note), loss]
 
 
-def _stages(spec: api.FineTuneJobSpec, arch: Architecture, *, c: int) -> list[Part]:
+def _stages(spec: api.FineTuneJobSpec, arch: Architecture, *, c: int, ranks: int) -> list[Part]:
     out: list[Part] = []
     largest_tensor = arch.vocab_size * arch.hidden_size
+    if spec.method == api.Method.QLORA and ranks > 1:
+        # transformers quantizes as it loads, on every rank: FSDP shards the 4-bit base after.
+        linear = arch.linear_parameters
+        whole = int(NF4_DOUBLE_QUANT_BYTES * linear) + c * (arch.parameters - linear)
+        out.append(Part("load", whole, "the whole 4-bit base on every GPU, before FSDP shards it"))
     if spec.method != api.Method.FULL and spec.export.merge:
         # Shard by shard on the host, no GPU; the largest tensor in fp32 (read, delta, result).
         widest = max(a * b for a, b in arch.block_linears().values())

@@ -228,16 +228,20 @@ def load_tokenizer(spec: api.FineTuneJobSpec, source: str) -> Any:
     return tokenizer
 
 
-def quantization_config(quant: api.Quantization) -> Any:
+def quantization_config(quant: api.Quantization, *, sharded: bool = False) -> Any:
+    """bitsandbytes settings; ``sharded``: 4-bit codes packed into the compute dtype's storage,
+    which FSDP can split into shards like any floating-point weight (FSDP-QLoRA)."""
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = getattr(torch, quant.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if sharded else torch.uint8,
     )
 
 
@@ -248,7 +252,7 @@ def load_base(spec: api.FineTuneJobSpec, source: str, *, quantized: bool) -> Any
     options = hub_options(spec, source) | SAFE_LOAD
     quant = spec.resolved_quantization() if quantized else None
     if quant is not None:
-        options["quantization_config"] = quantization_config(quant)
+        options["quantization_config"] = quantization_config(quant, sharded=sharded(spec))
         options["device_map"] = {"": device()}
         options["dtype"] = getattr(torch, quant.compute_dtype) if device().type == "cuda" else torch.float32
     else:

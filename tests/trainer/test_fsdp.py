@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from kubetune import api
+from kubetune.trainer import modeling
 from kubetune.trainer.stages import train as train_stage
 
 from .conftest import tiny_job
@@ -34,7 +35,9 @@ def run(
 ) -> subprocess.Popen[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     job = tmp_path / f"{name}.json"
-    spec = {"training": TRAINING | training, "evaluation": EVAL, "method": method}
+    spec: dict[str, Any] = {"training": TRAINING | training, "evaluation": EVAL, "method": method}
+    if method == "qlora":  # fp32 compute, so that FSDP and DDP are compared without bf16 rounding
+        spec["quantization"] = {"bits": 4, "computeDtype": "float32"}
     job.write_text(tiny_job(name, **spec).model_dump_json(by_alias=True))
     extra = {"KUBETUNE_WORKDIR": str(tmp_path / "work" / name), "PYTHONPATH": str(SHIM)}
     return subprocess.Popen(
@@ -64,11 +67,19 @@ def test_fsdp_is_chosen_for_full_fine_tuning_on_several_processes() -> None:
     assert not arguments(full, 1).fsdp  # one process: nothing to shard over
     assert arguments(full, 1).activation_checkpointing
     assert full.resolved_strategy(8) == "fsdp" and lora.resolved_strategy(8) == "ddp"
+    # FSDP-QLoRA: the 4-bit codes travel in the compute dtype's storage, which FSDP can shard.
+    quant = api.Quantization()
+    assert modeling.quantization_config(quant, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert modeling.quantization_config(quant).bnb_4bit_quant_storage == torch.uint8
 
 
 @pytest.mark.parametrize(
     ("method", "weights"),
-    [("full", "merged/model.safetensors"), ("lora", "adapter/adapter_model.safetensors")],
+    [
+        ("full", "merged/model.safetensors"),
+        ("lora", "adapter/adapter_model.safetensors"),
+        ("qlora", "adapter/adapter_model.safetensors"),  # 4-bit codes in fp32 storage, sharded
+    ],
 )
 def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
     tmp_path: Path, method: str, weights: str

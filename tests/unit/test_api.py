@@ -40,18 +40,12 @@ def mutate(path: str, value: Any) -> dict[str, Any]:
         node = node.setdefault(key, {})
     if value is DELETE:
         del node[last]
-    elif isinstance(value, Merged):
-        node[last].update(value)
     else:
         node[last] = value
     return doc
 
 
 DELETE = object()
-
-
-class Merged(dict[str, Any]):
-    """Keys merged into the node at the path, for rules that relate several fields."""
 
 
 # (mutation path, value, expected error field path, words the message must contain)
@@ -88,12 +82,6 @@ INVALID = [
     ),
     ("spec.export", {"merge": False, "quantize": ["bnb-4bit"]}, "spec.export.quantize", "export.merge"),
     ("spec.training.earlyStopping", {"patience": 2}, "spec.training.earlyStopping", "evalEvery"),
-    (
-        "spec",
-        Merged(method="qlora", training={"strategy": "fsdp"}),
-        "spec.training.strategy",
-        "fsdp does not shard 4-bit weights",
-    ),
 ]
 
 
