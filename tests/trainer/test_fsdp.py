@@ -87,7 +87,7 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
     two = ["--nproc-per-node", "2"]
     sharded = finished(run(tmp_path / "fsdp", "fsdp", two, method=method, strategy="fsdp", checkpointEvery=3))
     replicated = finished(run(tmp_path / "ddp", "ddp", two, method=method, strategy="ddp"))
-    assert "FSDP2, weights, gradients and optimizer states sharded over 2 processes" in sharded
+    assert "FSDP2 (weights, gradients and optimizer states sharded) over 2 processes" in sharded
     assert "DDP over 2 processes" in replicated
     a, b = (load_file(tmp_path / side / "out" / weights) for side in ("fsdp", "ddp"))
     assert a.keys() == b.keys() and a

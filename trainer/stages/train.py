@@ -195,18 +195,13 @@ def run(ctx: RunContext) -> None:
     processes = distributed.world_size()
     fsdp: dict[str, Any] = args.fsdp_config if args.fsdp and isinstance(args.fsdp_config, dict) else {}
     checkpointing = bool(args.activation_checkpointing or fsdp.get("activation_checkpointing"))
-    parallelism = (
-        f"{'FSDP2, weights, gradients and optimizer states sharded' if args.fsdp else 'DDP'} "
-        f"over {processes} processes"
-        if processes > 1
-        else ""
-    )
+    sharding = "FSDP2 (weights, gradients and optimizer states sharded)" if fsdp else "DDP"
     ctx.reporter.log(
         f"train: {modeling.precision_of(spec.training.precision).why}; "
         f"attention {modeling.attention_of(ctx.model)}; batches {layout}; "
         f"gradient checkpointing {'on' if checkpointing else 'off'}; "
         f"Liger kernels {'on' if args.use_liger_kernel else 'off'}"
-        + (f"; {parallelism}" if parallelism else "")
+        + (f"; {sharding} over {processes} processes" if processes > 1 else "")
     )
     callbacks: list[TrainerCallback] = [ReportProgress(ctx, counter)]
     if args.load_best_model_at_end and spec.training.early_stopping is not None:
