@@ -335,12 +335,13 @@ def trainable_model(spec: api.FineTuneJobSpec, source: str) -> Any:
     when it wraps the model. Each GPU then only ever holds its shards.
     """
     quantized = spec.method == api.Method.QLORA
-    if sharded(spec):
+    fsdp = sharded(spec)
+    if fsdp:
         # transformers reads these at load time; TrainingArguments sets them too, but later.
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
     model = load_base(spec, source, quantized=quantized)
-    if not quantized and not sharded(spec):  # k-bit weights are placed as they load (device_map)
+    if not quantized and not fsdp:  # k-bit weights are placed as they load (device_map)
         # On this process's device now: the baseline evaluation runs before Trainer would move it.
         model = model.to(device())
     if spec.method == api.Method.FULL:
