@@ -413,6 +413,7 @@ def import_images(layout: Layout, images: Sequence[str]) -> None:
     for line in listed.splitlines()[1:]:
         fields = line.split()
         if fields:
+            labels[fields[0]] = ""
             for label in fields[-1].split(","):
                 key, _, value = label.partition("=")
                 if key == IMAGE_ID_LABEL:
@@ -421,6 +422,10 @@ def import_images(layout: Layout, images: Sequence[str]) -> None:
         image_id = _buildah_image_id(image)
         if labels.get(image) == image_id:
             continue
+        if image in labels:
+            # Retagging by import leaves the old layers behind (7 GB a trainer image) until
+            # a garbage collection that containerd 1.6 may not run for a long time.
+            _ctr(layout, "images", "rm", "--sync", image, timeout=600)
         started = time.monotonic()
         archive = node_cache_dir() / f".import-{os.getpid()}.tar"
         archive.parent.mkdir(parents=True, exist_ok=True)
