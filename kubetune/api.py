@@ -244,6 +244,42 @@ class EvalMetric(StrEnum):
     BLEU = "bleu"
 
 
+HarnessTask = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-*]+$")]
+
+
+class Harness(Model):
+    """lm-evaluation-harness tasks, scored on the base model and on the result."""
+
+    tasks: list[HarnessTask] = Field(
+        min_length=1,
+        max_length=64,
+        description="Task, group or tag names of lm-evaluation-harness, e.g. [mmlu, arc_easy, hellaswag].",
+    )
+    include: OutputUri | None = Field(
+        None,
+        description=(
+            "A local folder or s3:// prefix of custom task YAML (and its data, named relative to "
+            "that folder), for own benchmarks and offline clusters."
+        ),
+    )
+    limit: float | None = Field(
+        None, gt=0, description="Documents per task: a count (>= 1) or a fraction (< 1); all if unset."
+    )
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples; the task's own if unset.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Requests per forward pass.")
+
+
+class Regression(Model):
+    """The gate on harness scores: a drop beyond maxDrop marks the job Regressed."""
+
+    max_drop: float = Field(
+        gt=0, le=1, description="Largest allowed drop of any harness score, in its own units (0.02 = 2 points)."
+    )
+    fail_on_regression: bool = Field(
+        False, description="Fail the job (after publishing its artifacts) when it regressed."
+    )
+
+
 class Evaluation(Model):
     metrics: list[EvalMetric] = Field(
         default_factory=lambda: [
@@ -267,6 +303,8 @@ class Evaluation(Model):
         ),
     )
     max_new_tokens: int = Field(64, ge=1, le=8192)
+    harness: Harness | None = Field(None, description="General-capability checks before and after.")
+    regression: Regression | None = Field(None, description="Gate on the harness scores; needs harness.")
 
 
 class Export(Model):
@@ -409,9 +447,26 @@ class Progress(Model):
     updated_at: str | None = None
 
 
+class ScoreDrop(Model):
+    """A harness score that fell by more than spec.evaluation.regression.maxDrop."""
+
+    score: str = Field(description="<task>/<metric>, as in results.before and results.after.")
+    before: float
+    after: float
+    drop: float = Field(description="How much worse, in the score's own units.")
+
+    def summary(self) -> str:
+        return f"{self.score} {self.before:.4g} -> {self.after:.4g} (-{self.drop:.4g})"
+
+
 class Results(Model):
-    before: dict[str, float] = Field(default_factory=dict)
-    after: dict[str, float] = Field(default_factory=dict)
+    before: dict[str, float] = Field(
+        default_factory=dict, description="Metrics of the base model; harness scores as <task>/<metric>."
+    )
+    after: dict[str, float] = Field(default_factory=dict, description="The same metrics after training.")
+    regressions: list[ScoreDrop] | None = Field(
+        None, description="Harness scores beyond the regression gate's maxDrop; empty when none."
+    )
 
 
 class Artifacts(Model):
@@ -460,7 +515,10 @@ class FineTuneJob(Model):
 
 def _no_parent_segment(parent: str, field: str) -> Callable[[FineTuneJobSpec], bool]:
     def holds(spec: FineTuneJobSpec) -> bool:
-        uri = getattr(getattr(spec, parent), field)
+        node: Any = spec
+        for name in parent.split("."):
+            node = getattr(node, name) if node is not None else None
+        uri = getattr(node, field) if node is not None else None
         return uri is None or not re.search(PARENT_SEGMENT, uri)
 
     return holds
@@ -507,6 +565,13 @@ RULES: tuple[Rule, ...] = (
         field="name",
     ),
     Rule(
+        path="spec.evaluation",
+        cel="!has(self.regression) || has(self.harness)",
+        message="regression gates the harness scores: set harness",
+        holds=lambda s: s.evaluation.regression is None or s.evaluation.harness is not None,
+        field="regression",
+    ),
+    Rule(
         path="spec.training",
         cel="!has(self.earlyStopping) || has(self.evalEvery)",
         message="earlyStopping needs evalEvery",
@@ -526,6 +591,7 @@ RULES: tuple[Rule, ...] = (
             ("dataset", "train"),
             ("dataset", "validation"),
             ("output", "uri"),
+            ("evaluation.harness", "include"),
         )
     ),
     Rule(

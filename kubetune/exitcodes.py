@@ -7,6 +7,10 @@ Job's podFailurePolicy fails the whole Job at once instead of spending backoffLi
 It exits with PEER_LOST_EXIT_CODE when another process of a multi-node job went away (a
 preempted or failed node) while this one was healthy: the Job ignores that failure, like a
 DisruptionTarget, and the operator bounds how often it is retried (spec.disruptionLimit).
+It exits with REGRESSED_EXIT_CODE when the job ran and published its artifacts but its
+harness scores dropped beyond spec.evaluation.regression.maxDrop with failOnRegression set:
+a retry would only repeat the run, so the Job fails at once too.
+
 Under torchrun every process records its own code and `kubetune trainer` exits with the most
 telling one, since torchrun itself only says that a worker failed.
 """
@@ -20,6 +24,7 @@ OK: Final = 0
 FAILURE: Final = 1  # anything that may succeed on a retry (storage hiccup, OOM, a crash)
 CONFIG_ERROR_EXIT_CODE: Final = 3
 PEER_LOST_EXIT_CODE: Final = 4
+REGRESSED_EXIT_CODE: Final = 5
 
 
 def combined(recorded: Iterable[int], launcher: int, *, nodes: int) -> int:
@@ -31,7 +36,7 @@ def combined(recorded: Iterable[int], launcher: int, *, nodes: int) -> int:
     multi-node job, a failure on one node. A misjudged own crash costs a bounded retry.
     """
     codes = set(recorded)
-    for code in (CONFIG_ERROR_EXIT_CODE, FAILURE):
+    for code in (CONFIG_ERROR_EXIT_CODE, FAILURE, REGRESSED_EXIT_CODE):
         if code in codes:
             return code
     if codes - {OK, PEER_LOST_EXIT_CODE}:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
 
 from .planning import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
 
@@ -27,6 +27,7 @@ SUCCEEDED_CONDITION = "Succeeded"
 FAILED_CONDITION = "Failed"
 SUSPENDED_CONDITION = "Suspended"
 MEMORY_PLAN_CONDITION = "MemoryPlan"  # the memory plan's verdict; informative, it never blocks
+REGRESSED_CONDITION = "Regressed"  # the regression gate's verdict on the trainer's harness scores
 
 # Waiting reasons of the trainer container that need a person, not time.
 STUCK_WAITING = frozenset(
@@ -356,6 +357,9 @@ def _failed(
             why = str(terminated.get("message") or "").strip()
             message = f"the trainer rejected its configuration (exit code {CONFIG_ERROR_EXIT_CODE})"
             return Assessment(FAILED, "ConfigError", f"{message}: {why}" if why else message)
+        if terminated.get("exitCode") == REGRESSED_EXIT_CODE or f"exit code {REGRESSED_EXIT_CODE}" in detail:
+            message = "the result regressed beyond spec.evaluation.regression.maxDrop; its artifacts are published"
+            return Assessment(FAILED, "Regressed", message)
         return Assessment(FAILED, reason, detail or "a pod failure policy rule failed the Job")
     if reason == "DeadlineExceeded":
         return Assessment(
@@ -461,6 +465,9 @@ def observe(
     verdict = memory_verdict(spec)
     if verdict is not None:
         put(MEMORY_PLAN_CONDITION, *verdict)
+    gate = regression_verdict(status)
+    if gate is not None:
+        put(REGRESSED_CONDITION, *gate)
     if found.phase == SUCCEEDED:
         put(SUCCEEDED_CONDITION, True, found.reason, found.message)
     if found.phase == FAILED:
@@ -503,6 +510,17 @@ def memory_verdict(spec: api.FineTuneJobSpec) -> tuple[bool, str, str] | None:
     return plan.fits, "Fits" if plan.fits else "DoesNotFit", plan.verdict()
 
 
+def regression_verdict(status: Mapping[str, Any]) -> tuple[bool, str, str] | None:
+    """The Regressed condition from the harness scores the trainer judged; None before it has."""
+    drops = (status.get("results") or {}).get("regressions")
+    if drops is None:
+        return None
+    if not drops:
+        return False, "WithinMaxDrop", "no harness score dropped beyond spec.evaluation.regression.maxDrop"
+    summary = "; ".join(api.ScoreDrop.model_validate(d).summary() for d in drops)
+    return True, "ScoresDropped", summary
+
+
 def _events(before: Mapping[str, Any], after: StatusUpdate) -> list[Event]:
     events = []
     if before.get("phase") != after.phase:
@@ -519,4 +537,10 @@ def _events(before: Mapping[str, Any], after: StatusUpdate) -> list[Event]:
     )
     if plan is not None and plan["status"] == "False" and was.get("status") != "False":
         events.append(Event("Warning", "MemoryPlan", plan["message"]))
+    gate = next((c for c in after.conditions if c["type"] == REGRESSED_CONDITION), None)
+    gated: Mapping[str, Any] = next(
+        (c for c in before.get("conditions") or [] if c.get("type") == REGRESSED_CONDITION), {}
+    )
+    if gate is not None and gate["status"] == "True" and gated.get("status") != "True":
+        events.append(Event("Warning", "Regressed", gate["message"]))
     return events

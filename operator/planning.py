@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_CONTAINER = "trainer"
@@ -475,13 +475,14 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
             "rules": [
                 # Preemption, node drain, eviction: not the trainer's fault, not a retry spent.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                # The trainer found its configuration unusable: retrying cannot help.
+                # The trainer found its configuration unusable, or its result failed the
+                # regression gate after publishing: retrying cannot help.
                 {
                     "action": "FailJob",
                     "onExitCodes": {
                         "containerName": TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": [CONFIG_ERROR_EXIT_CODE],
+                        "values": [CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE],
                     },
                 },
                 # Another node of the job went away: not this pod's fault either. The operator

@@ -22,6 +22,7 @@ def metrics_document(ctx: RunContext) -> dict[str, Any]:
         "before": ctx.before,
         "after": ctx.after,
         "checks": ctx.checks,
+        **_harness_document(ctx),
         "trainedTokens": ctx.trained_tokens,
         "data": ctx.data.report.to_dict(),
         "stageSeconds": ctx.timings,
@@ -29,7 +30,30 @@ def metrics_document(ctx: RunContext) -> dict[str, Any]:
     }
 
 
-def loss_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
+def _harness_document(ctx: RunContext) -> dict[str, Any]:
+    spec = ctx.spec.evaluation.harness
+    if spec is None:
+        return {}
+    gate = ctx.spec.evaluation.regression
+    return {
+        "harness": {
+            "tasks": spec.tasks,
+            "before": ctx.harness_before.values if ctx.harness_before else {},
+            "after": ctx.harness_after.values if ctx.harness_after else {},
+            "higherIsBetter": ctx.harness_after.higher_is_better if ctx.harness_after else {},
+            "maxDrop": gate.max_drop if gate else None,
+            "regressions": [d.to_wire() for d in ctx.regressions or []],
+        }
+    }
+
+
+def report(
+    history: list[dict[str, float]],
+    path: Path,
+    title: str,
+    scores: tuple[dict[str, float], dict[str, float]] | None = None,
+) -> None:
+    """The loss curves, and the harness scores before and after beside them when there are any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +61,11 @@ def loss_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if scores:
+        fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4), dpi=100, width_ratios=(7, 6))
+        _score_bars(bars, *scores)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
@@ -50,6 +78,18 @@ def loss_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _score_bars(ax: Any, before: dict[str, float], after: dict[str, float]) -> None:
+    names = sorted(set(before) | set(after))
+    positions = range(len(names))
+    ax.barh([p - 0.2 for p in positions], [before.get(n, 0.0) for n in names], height=0.4, label="before")
+    ax.barh([p + 0.2 for p in positions], [after.get(n, 0.0) for n in names], height=0.4, label="after")
+    ax.set_yticks(list(positions), names)
+    ax.invert_yaxis()
+    ax.set_title("lm-evaluation-harness")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend()
 
 
 def model_card(ctx: RunContext) -> str:
@@ -95,7 +135,7 @@ Trained tokens: {ctx.trained_tokens:,}.
 | metric | before | after |
 |---|---|---|
 {rows}
-
+{_gate_line(ctx)}
 ![loss curves](report.png)
 
 ## Files
@@ -103,6 +143,17 @@ Trained tokens: {ctx.trained_tokens:,}.
 `adapter/` (PEFT adapter), `merged/` (full weights), `quantized/<format>/`, `metrics.json`,
 `predictions.jsonl`, `report.png`, and `manifest.json` listing every file with its SHA-256.
 """
+
+
+def _gate_line(ctx: RunContext) -> str:
+    harness, gate = ctx.spec.evaluation.harness, ctx.spec.evaluation.regression
+    lines = []
+    if harness is not None:
+        lines.append(f"Scores `<task>/<metric>` are lm-evaluation-harness's on {', '.join(harness.tasks)}.")
+    if gate is not None and ctx.regressions is not None:
+        verdict = "; ".join(d.summary() for d in ctx.regressions) if ctx.regressions else "none"
+        lines.append(f"Regression gate (maxDrop {gate.max_drop:g}): scores dropped beyond it: {verdict}.")
+    return "\n" + "\n\n".join(lines) + "\n" if lines else ""
 
 
 def _cell(value: float | None) -> str:

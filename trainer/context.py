@@ -9,6 +9,7 @@ from typing import Any
 from kubetune import api
 from kubetune.storage import ObjectStore, StorageURI
 from kubetune.trainer.data import PreparedData
+from kubetune.trainer.harness import Scores
 from kubetune.trainer.reporter import Reporter
 
 
@@ -33,6 +34,12 @@ class RunContext:
     checks: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     trained_tokens: int = 0
+    harness_cache: StorageURI | None = None  # where base models' harness scores are kept
+    harness_include: Path | None = None  # the local folder of spec.evaluation.harness.include
+    harness_tasks: Any = None  # lm-eval's TaskManager, once the task names are checked
+    harness_before: Scores | None = None
+    harness_after: Scores | None = None
+    regressions: list[api.ScoreDrop] | None = None
 
     @property
     def spec(self) -> api.FineTuneJobSpec:

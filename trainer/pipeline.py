@@ -41,6 +41,15 @@ def artifact_root(job: api.FineTuneJob, override: str | None = None) -> StorageU
     return join_uri(job.spec.output.uri, namespace, job.metadata.name)
 
 
+def harness_cache(job: api.FineTuneJob, override: str | None = None) -> StorageURI:
+    """Base models' harness scores, beside the runs: under spec.output.uri, or next to `--output`."""
+    if override is None:
+        return join_uri(job.spec.output.uri, ".harness-baselines")
+    root = parse_uri(override)
+    parent = root.key.rstrip("/").rpartition("/")[0] or ("/" if root.is_local else "")
+    return join_uri(StorageURI(root.scheme, root.bucket, parent), ".harness-baselines")
+
+
 def storage_config(spec: api.FineTuneJobSpec) -> StorageConfig:
     """Credentials come from the standard AWS chain (the pod gets the job's Secret as env)."""
     return StorageConfig(endpoint=spec.storage.endpoint, region=spec.storage.region)
@@ -64,13 +73,14 @@ def execute(
         store=store or ObjectStore(storage_config(job.spec)),
         reporter=reporter,
         run_id=run_id,
+        harness_cache=harness_cache(job, output),
     )
     distributed.init(distributed.collective_timeout(job.spec.training.collective_timeout_seconds))
     if distributed.is_main():
         shutil.rmtree(ctx.staging, ignore_errors=True)
     try:
         for stage, step in STAGES:
-            if stage == api.Stage.BASELINE and not job.spec.evaluation.baseline:
+            if stage == api.Stage.BASELINE and not (job.spec.evaluation.baseline or job.spec.evaluation.harness):
                 continue
             if stage in MAIN_ONLY and not distributed.is_main():
                 continue

@@ -20,6 +20,10 @@ def run(ctx: RunContext) -> None:
     ctx.train_file = _local(ctx, ctx.spec.dataset.train, "data/train")
     if ctx.spec.dataset.validation is not None:
         ctx.validation_file = _local(ctx, ctx.spec.dataset.validation, "data/validation")
+    harness = ctx.spec.evaluation.harness
+    if harness is not None and harness.include is not None:
+        local = _local(ctx, harness.include, "harness", prefix=True)
+        ctx.harness_include = parse_uri(local).path
 
 
 def _local(ctx: RunContext, uri: str, into: str, *, prefix: bool = False) -> str:
