@@ -265,7 +265,9 @@ class Harness(Model):
     limit: float | None = Field(
         None, gt=0, description="Documents per task: a count (>= 1) or a fraction (< 1); all if unset."
     )
-    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples; the task's own if unset.")
+    num_fewshot: int | None = Field(
+        None, ge=0, le=64, description="Few-shot examples; the task's own if unset."
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Requests per forward pass.")
 
 
@@ -273,7 +275,9 @@ class Regression(Model):
     """The gate on harness scores: a drop beyond maxDrop marks the job Regressed."""
 
     max_drop: float = Field(
-        gt=0, le=1, description="Largest allowed drop of any harness score, in its own units (0.02 = 2 points)."
+        gt=0,
+        le=1,
+        description="Largest allowed drop of any harness score, in its own units (0.02 = 2 points).",
     )
     fail_on_regression: bool = Field(
         False, description="Fail the job (after publishing its artifacts) when it regressed."

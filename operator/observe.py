@@ -358,7 +358,9 @@ def _failed(
             message = f"the trainer rejected its configuration (exit code {CONFIG_ERROR_EXIT_CODE})"
             return Assessment(FAILED, "ConfigError", f"{message}: {why}" if why else message)
         if terminated.get("exitCode") == REGRESSED_EXIT_CODE or f"exit code {REGRESSED_EXIT_CODE}" in detail:
-            message = "the result regressed beyond spec.evaluation.regression.maxDrop; its artifacts are published"
+            message = (
+                "the result regressed beyond spec.evaluation.regression.maxDrop; its artifacts are published"
+            )
             return Assessment(FAILED, "Regressed", message)
         return Assessment(FAILED, reason, detail or "a pod failure policy rule failed the Job")
     if reason == "DeadlineExceeded":

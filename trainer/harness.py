@@ -11,8 +11,8 @@ import contextlib
 import difflib
 import fnmatch
 import hashlib
-import json
 import io
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,12 +55,16 @@ def check_tasks(manager: Any, harness: api.Harness, include: Path | None) -> Non
         close = difflib.get_close_matches(name, known, n=3)
         where = f"lm-evaluation-harness's tasks{f' or those under {harness.include}' if include else ''}"
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        problems.append(Problem(f"{TASKS_FIELD}[{index}]", f"no task, group or tag {name!r} among {where}{hint}"))
+        problems.append(
+            Problem(f"{TASKS_FIELD}[{index}]", f"no task, group or tag {name!r} among {where}{hint}")
+        )
     if problems:
         raise InvalidJob("harness", problems)
 
 
-def evaluate(model: Any, tokenizer: Any, manager: Any, harness: api.Harness, include: Path | None, seed: int) -> Scores:
+def evaluate(
+    model: Any, tokenizer: Any, manager: Any, harness: api.Harness, include: Path | None, seed: int
+) -> Scores:
     """The harness's scores of ``model``; data files of ``include`` tasks resolve from that folder."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

@@ -80,7 +80,9 @@ def execute(
         shutil.rmtree(ctx.staging, ignore_errors=True)
     try:
         for stage, step in STAGES:
-            if stage == api.Stage.BASELINE and not (job.spec.evaluation.baseline or job.spec.evaluation.harness):
+            if stage == api.Stage.BASELINE and not (
+                job.spec.evaluation.baseline or job.spec.evaluation.harness
+            ):
                 continue
             if stage in MAIN_ONLY and not distributed.is_main():
                 continue

@@ -85,7 +85,9 @@ def _run_job_file(
     gate = job.spec.evaluation.regression
     if ctx.regressions and gate is not None and gate.fail_on_regression:
         drops = "; ".join(d.summary() for d in ctx.regressions)
-        console.print(f"error: regressed beyond maxDrop {gate.max_drop:g}: {drops}", markup=False, highlight=False)
+        console.print(
+            f"error: regressed beyond maxDrop {gate.max_drop:g}: {drops}", markup=False, highlight=False
+        )
         return exitcodes.REGRESSED_EXIT_CODE
     return exitcodes.OK
 

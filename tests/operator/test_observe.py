@@ -159,6 +159,14 @@ PHASE_TABLE = [
         id="config-error",
     ),
     pytest.param(
+        [("Failed", "PodFailurePolicy")],
+        [pod("Failed", terminated={"exitCode": 5, "reason": "Error"})],
+        {"failed": 1},
+        {},
+        ("Failed", "Regressed"),
+        id="regressed",
+    ),
+    pytest.param(
         [("Failed", "SomethingNew")], [], {"failed": 1}, {}, ("Failed", "SomethingNew"), id="unknown-failure"
     ),
     pytest.param(

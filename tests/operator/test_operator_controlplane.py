@@ -255,7 +255,7 @@ def test_a_finetunejob_runs_to_success_with_the_operators_own_rbac(
             )
         assert kids["ConfigMap"]["immutable"] is True
         job = kids["Job"]
-        assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [3]
+        assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [3, 5]
         container = job["spec"]["template"]["spec"]["containers"][0]
         assert container["image"] == "registry.test/kubetune-trainer:test"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE
+from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE
 from kubetune.operator import planning
 from kubetune.operator.planning import OperatorConfig, dns_label, plan, spec_drift, suspend_patch
 
@@ -258,9 +258,13 @@ def test_pod_failure_policy_and_retry_settings() -> None:
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert fail == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]},
+        "onExitCodes": {
+            "containerName": "trainer",
+            "operator": "In",
+            "values": [CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE],
+        },
     }
-    assert CONFIG_ERROR_EXIT_CODE == 3
+    assert (CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE) == (3, 5)
     plain = plan(job()).job["spec"]
     assert "activeDeadlineSeconds" not in plain and "ttlSecondsAfterFinished" not in plain
     assert plain["suspend"] is False

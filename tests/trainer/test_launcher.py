@@ -33,6 +33,10 @@ def test_the_pod_exit_code_names_the_worst_process() -> None:
     # torchrun exits 1 whatever its workers returned: the recorded codes decide
     assert combined([config, peer], 1, nodes=2) == config
     assert combined([peer, failure], 1, nodes=2) == failure
+    # rank 0 alone judges the regression gate; its verdict is the pod's unless another failed
+    regressed = exitcodes.REGRESSED_EXIT_CODE
+    assert combined([regressed, 0], 1, nodes=1) == regressed
+    assert combined([regressed, failure], 1, nodes=1) == failure
     assert combined([peer, peer], 1, nodes=2) == peer
     assert combined([0, 0], 0, nodes=2) == 0
     assert combined([9], 1, nodes=1) == failure

@@ -45,7 +45,9 @@ def _harness(ctx: RunContext, model: Any) -> None:
     assert spec is not None and ctx.harness_cache is not None
     include = ctx.harness_include
     if include is not None and not include.is_dir():
-        raise InvalidJob("harness", [Problem("spec.evaluation.harness.include", f"{include} is not a folder")])
+        raise InvalidJob(
+            "harness", [Problem("spec.evaluation.harness.include", f"{include} is not a folder")]
+        )
     ctx.harness_tasks = harness.task_manager(include)
     harness.check_tasks(ctx.harness_tasks, spec, include)
     cached = ctx.harness_cache.join(f"{harness.baseline_key(ctx.spec, include)}.json")

@@ -18,8 +18,14 @@ def run(ctx: RunContext) -> None:
     staging = ctx.staging
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "metrics.json").write_text(json.dumps(artifacts.metrics_document(ctx), indent=2) + "\n")
-    scores = (ctx.harness_before.values, ctx.harness_after.values) if ctx.harness_before and ctx.harness_after else None
-    artifacts.report(ctx.history, staging / "report.png", f"{ctx.job.metadata.name}: {ctx.spec.method}", scores)
+    scores = (
+        (ctx.harness_before.values, ctx.harness_after.values)
+        if ctx.harness_before and ctx.harness_after
+        else None
+    )
+    artifacts.report(
+        ctx.history, staging / "report.png", f"{ctx.job.metadata.name}: {ctx.spec.method}", scores
+    )
     (staging / "README.md").write_text(artifacts.model_card(ctx), encoding="utf-8")
     files = [f for f in staging.rglob("*") if f.is_file()]
 
