@@ -35,7 +35,7 @@ def validate(
     """Check FineTuneJob manifests offline by the API server's rules."""
     from kubetune.validation import validate_files
 
-    errors = validate_files(files)
+    errors = validate_files(files) or _harness_problems(files)
     for line in errors:
         err.print(line, markup=False, highlight=False)
     if errors:
@@ -46,6 +46,22 @@ def validate(
         if not isinstance(found, str) and not found.fits:
             err.print(f"warning: {source}: memory plan: {found.verdict()}", markup=False, highlight=False)
     Console().print(f"{len(files)} file(s) valid", highlight=False)
+
+
+def _harness_problems(files: list[Path]) -> list[str]:
+    """Unknown lm-evaluation-harness tasks of jobs whose custom tasks are in a local folder."""
+    from kubetune.validation import documents, parse_job
+
+    if not any("harness" in path.read_text(encoding="utf-8", errors="replace") for path in files):
+        return []  # lm-eval's task index takes seconds to build
+    from kubetune.trainer.harness import check_local_tasks
+
+    return [
+        f"{source}: {problem}"
+        for path in files
+        for source, doc in documents(path)
+        for problem in check_local_tasks(parse_job(doc, source).spec)
+    ]
 
 
 @app.command()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api
+from kubetune.storage import parse_uri
 from kubetune.validation import InvalidJob, Problem
 
 TASKS_FIELD = "spec.evaluation.harness.tasks"
@@ -60,6 +61,26 @@ def check_tasks(manager: Any, harness: api.Harness, include: Path | None) -> Non
         )
     if problems:
         raise InvalidJob("harness", problems)
+
+
+def check_local_tasks(spec: api.FineTuneJobSpec) -> list[Problem]:
+    """Before submitting, offline: the task names of a harness whose include is a local folder
+    (with lm-eval installed). Other jobs are checked by the trainer before it trains."""
+    from importlib.util import find_spec
+
+    harness = spec.evaluation.harness
+    if harness is None or harness.include is None or harness.include.startswith("s3://"):
+        return []
+    if find_spec("lm_eval") is None:
+        return []
+    folder = parse_uri(harness.include).path
+    if not folder.is_dir():
+        return [Problem("spec.evaluation.harness.include", f"{folder} is not a folder")]
+    try:
+        check_tasks(task_manager(folder), harness, folder)
+    except InvalidJob as exc:
+        return exc.problems
+    return []
 
 
 def evaluate(

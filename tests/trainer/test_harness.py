@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +201,18 @@ def test_a_drop_is_measured_in_the_direction_that_is_worse() -> None:
     ]
     improved = harness.Scores({"a/acc": 0.9, "w/word_perplexity": 10.0}, better)
     assert harness.regressions(before, improved, max_drop=0.02) == []
+
+
+
+def test_validate_names_an_unknown_task_of_a_local_include(tmp_path: Path) -> None:
+    manifest = (ROOT / "examples" / "quickstart-harness.yaml").read_text()
+    assert "include: examples/harness" in manifest
+    manifest = manifest.replace("include: examples/harness", f"include: {TASKS}")
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(manifest)
+    bad.write_text(manifest.replace("dates_iso]", "dates_isoo]"))
+    run = [sys.executable, "-m", "kubetune", "validate"]
+    assert subprocess.run([*run, str(good)], cwd=tmp_path, check=False).returncode == 0
+    result = subprocess.run([*run, str(bad)], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert f"{bad}: spec.evaluation.harness.tasks[1]: no task, group or tag 'dates_isoo'" in result.stderr

@@ -137,6 +137,19 @@ def test_validate_cli_names_file_and_field(tmp_path: Path) -> None:
     assert ok.returncode == 0
 
 
+def test_a_regression_gate_needs_the_harness_it_gates() -> None:
+    gate_alone = mutate("spec.evaluation", {"regression": {"maxDrop": 0.02}})
+    assert [str(p) for p in problems_in(gate_alone)] == [
+        "spec.evaluation.regression: regression gates the harness scores: set harness"
+    ]
+    both = mutate("spec.evaluation", {"harness": {"tasks": ["mmlu"]}, "regression": {"maxDrop": 0.02}})
+    assert problems_in(both) == []
+    escaping = mutate("spec.evaluation", {"harness": {"tasks": ["mmlu"], "include": "tasks/../../etc"}})
+    assert [str(p) for p in problems_in(escaping)] == [
+        "spec.evaluation.harness.include: must not contain a '..' segment"
+    ]
+
+
 def test_validate_reports_yaml_syntax_with_line(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("apiVersion: kubetune.io/v1alpha1\nspec:\n  model: [unclosed\n")
