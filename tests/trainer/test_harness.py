@@ -203,7 +203,6 @@ def test_a_drop_is_measured_in_the_direction_that_is_worse() -> None:
     assert harness.regressions(before, improved, max_drop=0.02) == []
 
 
-
 def test_validate_names_an_unknown_task_of_a_local_include(tmp_path: Path) -> None:
     manifest = (ROOT / "examples" / "quickstart-harness.yaml").read_text()
     assert "include: examples/harness" in manifest
