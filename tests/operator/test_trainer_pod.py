@@ -197,3 +197,86 @@ def test_trainer_pod_reports_progress_results_and_artifacts(
     events = kube.list("Event", ns)
     assert secret not in output
     assert secret not in json.dumps(status) and secret not in json.dumps(events)
+
+
+def test_a_pod_whose_result_regressed_fails_the_job_as_regressed(
+    control_plane: ControlPlane,
+    control_plane_api_client: ApiClient,
+    ns: str,
+    operator: OperatorRunner,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """Harness tasks from an s3:// include, scored on a base that knows the dates and on a result
+    fine-tuned hard on unrelated rows: the gate trips, the trainer publishes and exits 5, the
+    Job's pod failure policy fails the Job, and the operator says Regressed."""
+    from kubetune.trainer.pipeline import execute
+
+    from ..trainer.conftest import tiny_job
+    from ..trainer.test_harness import LEARN_DATES, TASKS, LogRecorder
+
+    kube = Kube(control_plane_api_client)
+    kube.request(
+        "POST",
+        f"/api/v1/namespaces/{ns}/secrets",
+        body={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-credentials", "namespace": ns},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+            },
+        },
+    )
+    learned = tmp_path / "learned"
+    execute(tiny_job("learned", **LEARN_DATES), LogRecorder(), workdir=tmp_path / "work", output=str(learned))
+    store = ObjectStore(s3_server.storage_config())
+    store.upload_prefix(learned / "merged", f"s3://{s3_bucket}/models/learned/")
+    store.upload_prefix(TASKS, f"s3://{s3_bucket}/tasks/")
+    rows = "".join(
+        json.dumps({"prompt": f"Word: {w}{i}\nReversed:", "completion": f" {(w + str(i))[::-1]}"}) + "\n"
+        for i in range(40)
+        for w in ("kettle", "harbor", "violet", "timber", "saddle", "meadow", "copper", "lantern")
+    )
+    store.write_text(f"s3://{s3_bucket}/data/reverse.jsonl", rows)
+
+    job = finetunejob("forgets", ns, s3_server, s3_bucket)
+    job["spec"] |= {
+        "model": {"uri": f"s3://{s3_bucket}/models/learned/"},
+        "dataset": {"train": f"s3://{s3_bucket}/data/reverse.jsonl", "validationSplit": 0.05},
+        "method": "full",
+        "training": {"maxSteps": 40, "learningRate": 0.003, "batchSize": 16, "maxSeqLength": 48},
+        "evaluation": {
+            "metrics": ["loss"],
+            "harness": {"tasks": ["dates_iso"], "include": f"s3://{s3_bucket}/tasks/", "limit": 24},
+            "regression": {"maxDrop": 0.05, "failOnRegression": True},
+        },
+    }
+    kube.create(job)
+    job_name = planning.Names.of("forgets", 1).job
+    pod = wait_for(
+        lambda: next(
+            iter(kube.list("Pod", ns, label_selector=f"batch.kubernetes.io/job-name={job_name}")), None
+        ),
+        timeout=60,
+        what="the trainer pod",
+    )
+    code, output = run_pod(control_plane, kube, control_plane_api_client, pod, tmp_path / "pod")
+    assert code == 5, output
+
+    def failed() -> dict[str, Any] | None:
+        obj = kube.get(api.KIND, ns, "forgets")
+        return obj if obj and (obj.get("status") or {}).get("phase") == "Failed" else None
+
+    status = wait_for(failed, timeout=60, what="phase Failed")["status"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Failed"]["reason"] == "Regressed", conditions
+    assert conditions["Regressed"]["status"] == "True"
+    assert conditions["Regressed"]["message"].startswith("dates_iso/exact_match ")
+    [drop] = status["results"]["regressions"]
+    assert drop["score"] == "dates_iso/exact_match" and drop["drop"] > 0.05
+    assert status["results"]["before"]["dates_iso/exact_match"] >= 0.8  # the base knew the dates
+    listed = {f["path"] for f in store.read_json(status["artifacts"]["manifest"])["files"]}
+    assert "merged/model.safetensors" in listed  # published before failing
