@@ -311,10 +311,30 @@ class Evaluation(Model):
     regression: Regression | None = Field(None, description="Gate on the harness scores; needs harness.")
 
 
+class ExportFormat(StrEnum):
+    """The exports of the merged model: bitsandbytes for transformers, GGUF for llama.cpp and Ollama."""
+
+    BNB_4BIT = "bnb-4bit"
+    BNB_8BIT = "bnb-8bit"
+    GGUF_F16 = "gguf-f16"
+    GGUF_Q8_0 = "gguf-q8_0"
+    GGUF_Q4_K_M = "gguf-q4_k_m"
+
+
+# config.json model types the GGUF exports support (the llama family of llama.cpp, and qwen2).
+GGUF_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
 class Export(Model):
     merge: bool = Field(True, description="Merge the adapter into the base weights.")
-    quantize: list[Literal["bnb-4bit", "bnb-8bit"]] = Field(
-        default_factory=list, max_length=2, description="Quantized exports of the merged model."
+    quantize: list[ExportFormat] = Field(
+        default_factory=list,
+        max_length=len(ExportFormat),
+        description=(
+            "Exports of the merged model, each in quantized/<format>/: bnb-4bit and bnb-8bit (bitsandbytes, "
+            "for transformers); gguf-f16, gguf-q8_0 and gguf-q4_k_m (model.gguf and an Ollama Modelfile, "
+            "for llama.cpp, Ollama and LM Studio; Llama, Mistral and Qwen2 models)."
+        ),
     )
 
 

@@ -69,6 +69,7 @@ class Architecture:
     head_dim: int
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    model_type: str = "llama"  # config.json's model_type
     source: str = ""  # where the figures came from
 
     @classmethod
@@ -93,6 +94,7 @@ class Architecture:
             head_dim=int(text.get("head_dim") or hidden // heads),
             tie_embeddings=bool(text.get("tie_word_embeddings", False)),
             qkv_bias=bool(text.get("attention_bias", False)) or text.get("model_type") == "qwen2",
+            model_type=str(text.get("model_type") or config.get("model_type") or "unknown"),
             source=source,
         )
 
@@ -161,15 +163,21 @@ FAMILIES: dict[str, Architecture] = {
     "meta-llama/Llama-2-13b-hf": _llama(32000, 5120, 13824, 40, 40, 40),
     "meta-llama/Llama-2-70b-hf": _llama(32000, 8192, 28672, 80, 64, 8),
     "huggyllama/llama-65b": _llama(32000, 8192, 22016, 80, 64, 64),
-    "mistralai/Mistral-7B-v0.1": _llama(32000, 4096, 14336, 32, 32, 8),
-    "mistralai/Mistral-7B-v0.3": _llama(32768, 4096, 14336, 32, 32, 8),
-    "Qwen/Qwen2.5-0.5B": _llama(151936, 896, 4864, 24, 14, 2, tie_embeddings=True, qkv_bias=True),
-    "Qwen/Qwen2.5-1.5B": _llama(151936, 1536, 8960, 28, 12, 2, tie_embeddings=True, qkv_bias=True),
-    "Qwen/Qwen2.5-3B": _llama(151936, 2048, 11008, 36, 16, 2, tie_embeddings=True, qkv_bias=True),
-    "Qwen/Qwen2.5-7B": _llama(152064, 3584, 18944, 28, 28, 4, qkv_bias=True),
-    "Qwen/Qwen2.5-14B": _llama(152064, 5120, 13824, 48, 40, 8, qkv_bias=True),
-    "Qwen/Qwen2.5-32B": _llama(152064, 5120, 27648, 64, 40, 8, qkv_bias=True),
-    "Qwen/Qwen2.5-72B": _llama(152064, 8192, 29568, 80, 64, 8, qkv_bias=True),
+    "mistralai/Mistral-7B-v0.1": _llama(32000, 4096, 14336, 32, 32, 8, model_type="mistral"),
+    "mistralai/Mistral-7B-v0.3": _llama(32768, 4096, 14336, 32, 32, 8, model_type="mistral"),
+    "Qwen/Qwen2.5-0.5B": _llama(
+        151936, 896, 4864, 24, 14, 2, tie_embeddings=True, qkv_bias=True, model_type="qwen2"
+    ),
+    "Qwen/Qwen2.5-1.5B": _llama(
+        151936, 1536, 8960, 28, 12, 2, tie_embeddings=True, qkv_bias=True, model_type="qwen2"
+    ),
+    "Qwen/Qwen2.5-3B": _llama(
+        151936, 2048, 11008, 36, 16, 2, tie_embeddings=True, qkv_bias=True, model_type="qwen2"
+    ),
+    "Qwen/Qwen2.5-7B": _llama(152064, 3584, 18944, 28, 28, 4, qkv_bias=True, model_type="qwen2"),
+    "Qwen/Qwen2.5-14B": _llama(152064, 5120, 13824, 48, 40, 8, qkv_bias=True, model_type="qwen2"),
+    "Qwen/Qwen2.5-32B": _llama(152064, 5120, 27648, 64, 40, 8, qkv_bias=True, model_type="qwen2"),
+    "Qwen/Qwen2.5-72B": _llama(152064, 8192, 29568, 80, 64, 8, qkv_bias=True, model_type="qwen2"),
 }
 _ALIASES = {"meta-llama/Meta-Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
             "meta-llama/Meta-Llama-3.1-70B": "meta-llama/Llama-3.1-70B"}  # fmt: skip
@@ -205,7 +213,7 @@ def architecture(
         from kubetune.trainer import presets  # stdlib only at import time
 
         if presets.is_preset(model.name):
-            config = {**presets.PRESETS[model.name], "tie_word_embeddings": False}
+            config = {**presets.PRESETS[model.name], "tie_word_embeddings": False, "model_type": "llama"}
             return Architecture.from_config(config, f"preset {model.name}")
         found = family(model.name)
         if found is not None:
@@ -556,7 +564,7 @@ def plan_files(
 ) -> list[tuple[str, Plan | str]]:
     """The plan of every FineTuneJob in ``paths``, or why there is none (an invalid manifest,
     an unknown model). ``online`` reads an s3:// model's config.json from storage."""
-    from kubetune.validation import InvalidJob, documents, parse_job
+    from kubetune.validation import InvalidJob, documents, export_problems, parse_job
 
     out: list[tuple[str, Plan | str]] = []
     for path in paths:
@@ -568,9 +576,12 @@ def plan_files(
         for source, doc in docs:
             try:
                 job = parse_job(doc, source)
-                out.append(
-                    (source, plan_job(job.spec, config_path=config_path, store=_store(job.spec, online)))
-                )
+                found = architecture(job.spec, config_path=config_path, store=_store(job.spec, online))
+                refused = export_problems(job.spec, found.model_type)
+                if refused:
+                    out.append((source, "; ".join(str(p) for p in refused)))
+                    continue
+                out.append((source, estimate(job.spec, found)))
             except InvalidJob as error:
                 out.append((source, "; ".join(str(p) for p in error.problems)))
             except ValueError as error:

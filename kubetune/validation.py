@@ -164,7 +164,10 @@ def validate_files(paths: list[Path]) -> list[str]:
         if not docs:
             lines.append(f"{path}: no FineTuneJob in file")
         for source, doc in docs:
-            lines.extend(f"{source}: {p}" for p in problems_in(doc))
+            found = problems_in(doc)
+            if not found:
+                found = _offline_export_problems(parse_job(doc, source).spec)
+            lines.extend(f"{source}: {p}" for p in found)
     return lines
 
 
@@ -175,3 +178,31 @@ def _yaml_error(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
     return str(exc)
+
+
+def export_problems(spec: api.FineTuneJobSpec, model_type: str) -> list[Problem]:
+    """The exports of ``spec`` a model of ``model_type`` (config.json's) cannot have."""
+    if model_type in api.GGUF_MODEL_TYPES:
+        return []
+    known = ", ".join(sorted(api.GGUF_MODEL_TYPES))
+    return [
+        Problem(
+            f"spec.export.quantize[{i}]",
+            f"{name}: GGUF export supports models of type {known}; this one is {model_type!r}",
+        )
+        for i, name in enumerate(spec.export.quantize)
+        if name.startswith("gguf-")
+    ]
+
+
+def _offline_export_problems(spec: api.FineTuneJobSpec) -> list[Problem]:
+    """Known offline from the model's config.json or the built-in table; a model it cannot look
+    up is left to the trainer, which checks before it trains."""
+    from kubetune import memory
+
+    if not any(name.startswith("gguf-") for name in spec.export.quantize):
+        return []
+    try:
+        return export_problems(spec, memory.architecture(spec).model_type)
+    except ValueError:
+        return []

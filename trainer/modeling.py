@@ -219,6 +219,12 @@ def hub_options(spec: api.FineTuneJobSpec, source: str) -> dict[str, Any]:
     return options
 
 
+def load_config(spec: api.FineTuneJobSpec, source: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, **hub_options(spec, source))
+
+
 def load_tokenizer(spec: api.FineTuneJobSpec, source: str) -> Any:
     from transformers import AutoTokenizer
 

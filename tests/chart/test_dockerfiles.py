@@ -47,6 +47,8 @@ def instructions(path: Path) -> list[Instruction]:
         logical += line
         keyword, _, arguments = logical.partition(" ")
         keyword = keyword.upper()
+        if keyword == "RUN":  # the command, without RUN's own --mount options
+            arguments = re.sub(r"^(\s*--mount=\S+)+", "", arguments)
         if keyword == "FROM":
             stage += 1
         out.append(Instruction(keyword, arguments.strip(), stage))
@@ -117,6 +119,10 @@ def test_instructions_are_read_correctly(tmp_path: Path) -> None:
     assert project_extras(dockerfile) == {"operator", "trainer"}
     assert [(i.keyword, i.stage) for i in final_stage(dockerfile)] == [("FROM", 1), ("RUN", 1), ("USER", 1)]
     assert len(install_commands(dockerfile)) == 3
+    dockerfile.write_text(
+        "FROM a\nRUN --mount=type=cache,target=/c \\\n    uv export --frozen --extra x -o c\n"
+    )
+    assert exported_extras(dockerfile) == {"x"}
     dockerfile.write_text("ARG BASE=python:3.11-slim\nARG UV=uv:1\nFROM ${UV} AS uv\nFROM ${BASE}\n")
     assert base_image(dockerfile) == "python:3.11-slim"
 

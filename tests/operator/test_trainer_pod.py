@@ -69,6 +69,44 @@ def finetunejob(name: str, ns: str, server: S3Server, bucket: str) -> dict[str, 
     }
 
 
+def s3_secret(kube: Kube, ns: str, server: S3Server) -> None:
+    kube.request(
+        "POST",
+        f"/api/v1/namespaces/{ns}/secrets",
+        body={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-credentials", "namespace": ns},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": server.access_key,
+                "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            },
+        },
+    )
+
+
+def trainer_pod(kube: Kube, ns: str, name: str) -> dict[str, Any]:
+    """The pod the Job controller created for FineTuneJob ``name``."""
+    job_name = planning.Names.of(name, 1).job
+    pod: dict[str, Any] = wait_for(
+        lambda: next(
+            iter(kube.list("Pod", ns, label_selector=f"batch.kubernetes.io/job-name={job_name}")), None
+        ),
+        timeout=60,
+        what="the trainer pod",
+    )
+    return pod
+
+
+def status_in_phase(kube: Kube, ns: str, name: str, phase: str) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        obj = kube.get(api.KIND, ns, name)
+        return obj if obj and (obj.get("status") or {}).get("phase") == phase else None
+
+    status: dict[str, Any] = wait_for(reached, timeout=60, what=f"phase {phase}")["status"]
+    return status
+
+
 def kubeconfig(plane: ControlPlane, token: str, path: Path) -> Path:
     ca = base64.b64encode(plane.ca_cert_path.read_bytes()).decode()
     config = {
@@ -136,39 +174,16 @@ def test_trainer_pod_reports_progress_results_and_artifacts(
     tmp_path: Path,
 ) -> None:
     kube = Kube(control_plane_api_client)
-    kube.request(
-        "POST",
-        f"/api/v1/namespaces/{ns}/secrets",
-        body={
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-credentials", "namespace": ns},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-            },
-        },
-    )
+    s3_secret(kube, ns, s3_server)
     kube.create(finetunejob("dates", ns, s3_server, s3_bucket))
     other = kube.create(finetunejob("neighbour", ns, s3_server, s3_bucket) | {"spec": {
         **finetunejob("neighbour", ns, s3_server, s3_bucket)["spec"], "suspend": True}})  # fmt: skip
 
-    job_name = planning.Names.of("dates", 1).job
-    pod = wait_for(
-        lambda: next(
-            iter(kube.list("Pod", ns, label_selector=f"batch.kubernetes.io/job-name={job_name}")), None
-        ),
-        timeout=60,
-        what="the trainer pod",
-    )
+    pod = trainer_pod(kube, ns, "dates")
     code, output = run_pod(control_plane, kube, control_plane_api_client, pod, tmp_path / "pod")
     assert code == 0, output
 
-    def succeeded() -> dict[str, Any] | None:
-        obj = kube.get(api.KIND, ns, "dates")
-        return obj if obj and (obj.get("status") or {}).get("phase") == "Succeeded" else None
-
-    status = wait_for(succeeded, timeout=60, what="phase Succeeded")["status"]
+    status = status_in_phase(kube, ns, "dates", "Succeeded")
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == 10
     assert status["progress"]["loss"] > 0 and status["progress"]["tokensPerSecond"] > 0
     assert status["results"]["after"]["loss"] < status["results"]["before"]["loss"]
@@ -214,33 +229,16 @@ def test_a_pod_whose_result_regressed_fails_the_job_as_regressed(
     from kubetune.trainer.pipeline import execute
 
     from ..trainer.conftest import tiny_job
-    from ..trainer.test_harness import LEARN_DATES, TASKS, LogRecorder
+    from ..trainer.test_harness import LEARN_DATES, TASKS, LogRecorder, unrelated_rows
 
     kube = Kube(control_plane_api_client)
-    kube.request(
-        "POST",
-        f"/api/v1/namespaces/{ns}/secrets",
-        body={
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "s3-credentials", "namespace": ns},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-            },
-        },
-    )
+    s3_secret(kube, ns, s3_server)
     learned = tmp_path / "learned"
     execute(tiny_job("learned", **LEARN_DATES), LogRecorder(), workdir=tmp_path / "work", output=str(learned))
     store = ObjectStore(s3_server.storage_config())
     store.upload_prefix(learned / "merged", f"s3://{s3_bucket}/models/learned/")
     store.upload_prefix(TASKS, f"s3://{s3_bucket}/tasks/")
-    rows = "".join(
-        json.dumps({"prompt": f"Word: {w}{i}\nReversed:", "completion": f" {(w + str(i))[::-1]}"}) + "\n"
-        for i in range(40)
-        for w in ("kettle", "harbor", "violet", "timber", "saddle", "meadow", "copper", "lantern")
-    )
-    store.write_text(f"s3://{s3_bucket}/data/reverse.jsonl", rows)
+    store.write_text(f"s3://{s3_bucket}/data/reverse.jsonl", unrelated_rows())
 
     job = finetunejob("forgets", ns, s3_server, s3_bucket)
     job["spec"] |= {
@@ -255,22 +253,11 @@ def test_a_pod_whose_result_regressed_fails_the_job_as_regressed(
         },
     }
     kube.create(job)
-    job_name = planning.Names.of("forgets", 1).job
-    pod = wait_for(
-        lambda: next(
-            iter(kube.list("Pod", ns, label_selector=f"batch.kubernetes.io/job-name={job_name}")), None
-        ),
-        timeout=60,
-        what="the trainer pod",
-    )
+    pod = trainer_pod(kube, ns, "forgets")
     code, output = run_pod(control_plane, kube, control_plane_api_client, pod, tmp_path / "pod")
     assert code == 5, output
 
-    def failed() -> dict[str, Any] | None:
-        obj = kube.get(api.KIND, ns, "forgets")
-        return obj if obj and (obj.get("status") or {}).get("phase") == "Failed" else None
-
-    status = wait_for(failed, timeout=60, what="phase Failed")["status"]
+    status = status_in_phase(kube, ns, "forgets", "Failed")
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Failed"]["reason"] == "Regressed", conditions
     assert conditions["Regressed"]["status"] == "True"

@@ -53,6 +53,16 @@ LEARN_DATES: dict[str, Any] = {
 }
 
 
+def unrelated_rows() -> str:
+    """JSONL rows of a task that has nothing to do with dates: spelling words backwards."""
+    words = ["kettle", "harbor", "violet", "timber", "saddle", "meadow", "copper", "lantern"]
+    return "".join(
+        json.dumps({"prompt": f"Word: {w}{i}\nReversed:", "completion": f" {(w + str(i))[::-1]}"}) + "\n"
+        for i in range(40)
+        for w in words
+    )
+
+
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """A quickstart with the harness and the regression gate; its merged model is the base of
@@ -86,14 +96,7 @@ def test_a_result_that_forgets_trips_the_gate_after_publishing(
     failOnRegression the distinct exit code, after the artifacts are published."""
     _, base = learned
     unrelated = tmp_path / "reverse.jsonl"
-    words = ["kettle", "harbor", "violet", "timber", "saddle", "meadow", "copper", "lantern"]
-    unrelated.write_text(
-        "".join(
-            json.dumps({"prompt": f"Word: {w}{i}\nReversed:", "completion": f" {(w + str(i))[::-1]}"}) + "\n"
-            for i in range(40)
-            for w in words
-        )
-    )
+    unrelated.write_text(unrelated_rows())
     job = tiny_job(
         "forgets",
         model={"uri": str(base / "merged")},

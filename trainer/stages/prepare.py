@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from transformers import set_seed
 
-from kubetune.trainer import modeling
+from kubetune.trainer import exports, modeling
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data import prepare
+from kubetune.validation import InvalidJob
 
 
 def run(ctx: RunContext) -> None:
     assert ctx.model_source is not None and ctx.train_file is not None
     ctx.tokenizer = modeling.load_tokenizer(ctx.spec, ctx.model_source)
+    if ctx.spec.export.quantize:
+        config = modeling.load_config(ctx.spec, ctx.model_source).to_dict()
+        found = exports.problems(ctx.spec, config, ctx.tokenizer)
+        if found:
+            raise InvalidJob("export", found)  # now, not after training
     ctx.data = prepare(
         ctx.spec.dataset,
         ctx.spec.training,
