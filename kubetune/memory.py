@@ -225,6 +225,23 @@ def architecture(
     )
 
 
+def model_type(spec: api.FineTuneJobSpec, *, config_path: Path | None = None) -> str:
+    """config.json's model_type, offline: an explicit or local config.json, else the table's; a
+    ValueError when neither knows the model."""
+    path = config_path
+    if path is None and spec.model.uri is not None and not spec.model.uri.startswith("s3://"):
+        path = Path(spec.model.uri.removeprefix("file://")) / "config.json"
+    if path is not None and path.exists():
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: {error}") from error
+        return str(
+            (config.get("text_config") or {}).get("model_type") or config.get("model_type") or "unknown"
+        )
+    return architecture(spec, config_path=config_path).model_type
+
+
 def _from_file(path: Path) -> Architecture:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -576,12 +593,14 @@ def plan_files(
         for source, doc in docs:
             try:
                 job = parse_job(doc, source)
-                found = architecture(job.spec, config_path=config_path, store=_store(job.spec, online))
-                refused = export_problems(job.spec, found.model_type)
-                if refused:
-                    out.append((source, "; ".join(str(p) for p in refused)))
-                    continue
-                out.append((source, estimate(job.spec, found)))
+                if any(f.startswith("gguf-") for f in job.spec.export.quantize):
+                    refused = export_problems(job.spec, model_type(job.spec, config_path=config_path))
+                    if refused:
+                        out.append((source, "; ".join(str(p) for p in refused)))
+                        continue
+                out.append(
+                    (source, plan_job(job.spec, config_path=config_path, store=_store(job.spec, online)))
+                )
             except InvalidJob as error:
                 out.append((source, "; ".join(str(p) for p in error.problems)))
             except ValueError as error:

@@ -203,6 +203,6 @@ def _offline_export_problems(spec: api.FineTuneJobSpec) -> list[Problem]:
     if not any(name.startswith("gguf-") for name in spec.export.quantize):
         return []
     try:
-        return export_problems(spec, memory.architecture(spec).model_type)
+        return export_problems(spec, memory.model_type(spec))
     except ValueError:
         return []

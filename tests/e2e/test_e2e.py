@@ -8,6 +8,7 @@ project's control plane; pods reach the host, where the S3 server listens, and n
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 import urllib.request
@@ -132,6 +133,8 @@ def test_a_finetunejob_trains_in_a_real_trainer_container(
     ns = e2e_namespace
     job = finetunejob("dates", ns, e2e_s3, e2e_bucket)
     job["spec"]["training"]["maxSteps"] = 120
+    # The image's llama.cpp (built for any x86-64 CPU) quantizes and checks a GGUF export.
+    job["spec"]["export"] = {"merge": True, "quantize": ["gguf-q8_0"]}
     recorder = PhaseRecorder(e2e_api, ns, "dates")
     e2e_api.create(job)
     try:
@@ -175,10 +178,13 @@ def test_a_finetunejob_trains_in_a_real_trainer_container(
     paths = {f.path for f in pulled.manifest.files}
     assert "adapter/adapter_model.safetensors" in paths and "metrics.json" in paths
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert {"quantized/gguf-q8_0/model.gguf", "quantized/gguf-q8_0/Modelfile"} <= paths
+    checks = json.loads((tmp_path / "metrics.json").read_text())["checks"]
+    assert checks["gguf-q8_0_top1"] >= 0.95 and checks["gguf-q8_0_prompts"] > 0
 
     [pod] = trainer_pods(e2e_api, ns)
     logs = e2e_cluster.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
-    for stage in ("fetch", "prepare", "baseline", "train", "evaluate", "push"):
+    for stage in ("fetch", "prepare", "baseline", "train", "evaluate", "merge", "quantize", "push"):
         assert f"▶ {stage}" in logs and f"✓ {stage}" in logs, f"stage {stage} missing from the log:\n{logs}"
     assert e2e_s3.secret_key not in logs
 

@@ -125,8 +125,9 @@ def test_llama_cpp_loads_each_file_and_continues_a_date(exported: tuple[Any, Pat
     prompt = "Date: 16 April 2062\nISO:"
     for name in ("gguf-f16", "gguf-q8_0"):
         llm = llama_cpp.Llama(model_path=str(out / "quantized" / name / "model.gguf"), verbose=False)
-        completion: Any = llm.create_completion(prompt, max_tokens=8, temperature=0.0, stop=["\n"])
+        completion: Any = llm.create_completion(prompt, max_tokens=16, temperature=0.0, stop=["\n"])
         text = completion["choices"][0]["text"]
+        llm.close()
         assert text.strip() == "2062-04-16", (name, text)
     modelfile = (out / "quantized" / "gguf-q4_k_m" / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile
@@ -219,8 +220,14 @@ def test_a_model_gguf_cannot_hold_is_refused_before_training(tmp_path: Path) -> 
         [sys.executable, "-m", "kubetune", "validate", str(manifest)],
         cwd=tmp_path, capture_output=True, text=True, check=False,
     )  # fmt: skip
+    refusal = "spec.export.quantize[0]: gguf-f16: GGUF export supports models of type llama, mistral, qwen2; "
     assert result.returncode == 1
-    assert (
-        "spec.export.quantize[0]: gguf-f16: GGUF export supports models of type llama, mistral, qwen2; "
-        "this one is 'gpt2'" in result.stderr
+    assert refusal + "this one is 'gpt2'" in result.stderr
+    plan = subprocess.run(
+        [sys.executable, "-m", "kubetune", "plan", str(manifest)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    assert plan.returncode == 1 and refusal in plan.stderr

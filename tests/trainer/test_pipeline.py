@@ -107,7 +107,8 @@ def test_manifest_lists_every_artifact_with_its_sha256(quickstart: tuple[Any, Pa
         assert entry["sha256"] == sha256_file(out / path), path
         assert entry["size"] == (out / path).stat().st_size
     for expected in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "metrics.json",
-                     "report.png", "README.md", "quantized/bnb-4bit/model.safetensors"):  # fmt: skip
+                     "report.png", "README.md", "quantized/bnb-4bit/model.safetensors",
+                     "quantized/gguf-q4_k_m/model.gguf", "quantized/gguf-q4_k_m/Modelfile"):  # fmt: skip
         assert expected in listed
     assert not any(p.endswith((".bin", ".pt", ".pth")) for p in listed), "safetensors only"
     metrics = json.loads((out / "metrics.json").read_text())

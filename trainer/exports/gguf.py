@@ -401,10 +401,14 @@ class Reference:
 def reference(model: Any, tokenizer: Any, texts: list[str]) -> Reference:
     model.eval()
     device = next(model.parameters()).device
+    longest = (
+        min(CHECK_CONTEXT, int(getattr(model.config, "max_position_embeddings", CHECK_CONTEXT)))
+        - CONTINUATION
+    )
     kept, ids, bos, logits, greedy = [], [], [], [], []
     for text in texts:
         row = list(tokenizer(text)["input_ids"])
-        if len(row) > CHECK_CONTEXT - CONTINUATION:
+        if len(row) > longest:
             continue  # a long document: the check's context is for short prompts
         kept.append(text)
         batch = torch.tensor([row], device=device)
@@ -429,7 +433,8 @@ def check(path: Path, expected: Reference, tolerance: Tolerance, name: str) -> d
 
     from kubetune.trainer.stages.merge import agreement
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CHECK_CONTEXT, logits_all=True, verbose=False, seed=0)
+    context = min(CHECK_CONTEXT, max(len(i) for i in expected.ids) + CONTINUATION + 1)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, logits_all=True, verbose=False, seed=0)
     try:
         kls, top1s, max_abs, same, generated = [], [], 0.0, 0, 0
         for text, ids, bos, logits, greedy in zip(
