@@ -153,6 +153,15 @@ def _gate_line(ctx: RunContext) -> str:
     if gate is not None and ctx.regressions is not None:
         verdict = "; ".join(d.summary() for d in ctx.regressions) if ctx.regressions else "none"
         lines.append(f"Regression gate (maxDrop {gate.max_drop:g}): scores dropped beyond it: {verdict}.")
+    for name in ctx.spec.export.quantize:
+        if name.startswith("gguf-") and f"{name}_kl" in ctx.checks:
+            c = {k: ctx.checks[f"{name}_{k}"] for k in ("kl", "top1", "greedy_same", "prompts")}
+            lines.append(
+                f"`quantized/{name}/model.gguf`, checked with llama.cpp "
+                f"on {c['prompts']:.0f} validation prompts: "
+                f"mean KL {c['kl']:.2g} from the merged model, top-1 agreement {c['top1']:.1%}, "
+                f"same greedy continuation on {c['greedy_same']:.0%}."
+            )
     return "\n" + "\n\n".join(lines) + "\n" if lines else ""
 
 

@@ -85,6 +85,8 @@ def test_each_format_is_written_checked_and_listed(exported: tuple[Any, Path]) -
         assert checks[f"{name}_greedy_same"] >= tolerance.greedy
     # f16 is the merged model to within f16 rounding; q4_k_m is further off, as it should be
     assert checks["gguf-f16_kl"] < checks["gguf-q4_k_m_kl"]
+    card = (out / "README.md").read_text()
+    assert "`quantized/gguf-q4_k_m/model.gguf`, checked with llama.cpp on 8 validation prompts" in card
     sizes = {
         n: (out / "quantized" / n / "model.gguf").stat().st_size
         for n in ("gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
