@@ -180,16 +180,21 @@ def _yaml_error(exc: Exception) -> str:
     return str(exc)
 
 
+def gguf_refusal(model_type: str) -> str | None:
+    """Why a model of ``model_type`` (config.json's) cannot be exported as GGUF, or None."""
+    if model_type in api.GGUF_MODEL_TYPES:
+        return None
+    known = ", ".join(sorted(api.GGUF_MODEL_TYPES))
+    return f"GGUF export supports models of type {known}; this one is {model_type!r}"
+
+
 def export_problems(spec: api.FineTuneJobSpec, model_type: str) -> list[Problem]:
     """The exports of ``spec`` a model of ``model_type`` (config.json's) cannot have."""
-    if model_type in api.GGUF_MODEL_TYPES:
+    why = gguf_refusal(model_type)
+    if why is None:
         return []
-    known = ", ".join(sorted(api.GGUF_MODEL_TYPES))
     return [
-        Problem(
-            f"spec.export.quantize[{i}]",
-            f"{name}: GGUF export supports models of type {known}; this one is {model_type!r}",
-        )
+        Problem(f"spec.export.quantize[{i}]", f"{name}: {why}")
         for i, name in enumerate(spec.export.quantize)
         if name.startswith("gguf-")
     ]

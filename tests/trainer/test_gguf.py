@@ -190,6 +190,10 @@ def test_llama3_rope_factors_are_transformers_own(tmp_path: Path) -> None:
     assert factors[0] == 1.0 and math.isclose(factors[-1], 8.0)
 
 
+def test_the_writer_maps_every_model_type_the_api_accepts() -> None:
+    assert set(export.ARCHITECTURES) == api.GGUF_MODEL_TYPES
+
+
 def test_pre_tokenizers_are_named_as_llama_cpp_names_them() -> None:
     def split(regex: str) -> dict[str, Any]:
         return {

@@ -1,8 +1,8 @@
 """Exports of the merged model, one module a family of formats.
 
-Each format of ``spec.export.quantize`` names an :class:`Exporter`. ``refuses`` and
-``unsupported`` say before training whether the model can be exported (a job fails early, not
-after hours);
+Each format of ``spec.export.quantize`` names an :class:`Exporter`. ``unsupported`` says before
+training whether the model can be exported (a job fails early, not after hours; offline,
+`kubetune validate` and `kubetune plan` judge the model type by ``validation.export_problems``);
 ``export`` writes the format into its own folder and checks the result with a real client
 before it counts, returning the figures of that check for ``metrics.json``.
 """
@@ -18,11 +18,6 @@ from kubetune.validation import Problem
 
 
 class Exporter(Protocol):
-    def refuses(self, model_type: str) -> str | None:
-        """Why a model of this ``config.json`` model_type cannot be exported, or None (offline:
-        `kubetune validate` and `kubetune plan` know the model_type only)."""
-        ...
-
     def unsupported(self, config: dict[str, Any], tokenizer: Any) -> list[str]:
         """Why this model (its config.json, its loaded tokenizer) cannot be exported; the trainer
         asks before it trains."""

@@ -16,11 +16,8 @@ BITS = {api.ExportFormat.BNB_4BIT: 4, api.ExportFormat.BNB_8BIT: 8}
 
 
 class Bitsandbytes:
-    def refuses(self, model_type: str) -> str | None:
-        return None  # whatever transformers loads, bitsandbytes quantizes
-
     def unsupported(self, config: dict[str, Any], tokenizer: Any) -> list[str]:
-        return []
+        return []  # whatever transformers loads, bitsandbytes quantizes
 
     def export(self, ctx: RunContext, name: api.ExportFormat, merged: Path, target: Path) -> dict[str, float]:
         from transformers import AutoModelForCausalLM

@@ -30,7 +30,7 @@ from kubetune import api
 from kubetune.trainer import modeling
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data.templates import ALPACA_PREAMBLE
-from kubetune.validation import InvalidJob, Problem
+from kubetune.validation import InvalidJob, Problem, gguf_refusal
 
 QUANTIZE_FIELD = "spec.export.quantize"
 
@@ -64,19 +64,13 @@ FORMATS: dict[api.ExportFormat, tuple[int, Tolerance]] = {
     api.ExportFormat.GGUF_Q4_K_M: (15, Tolerance(kl=0.1, top1=0.85, greedy=0.5)),
 }
 PROMPTS = 8  # validation prompts the check runs
-CHECK_CONTEXT = 1024  # tokens of llama.cpp's context in the check; longer prompts are cut
+CHECK_CONTEXT = 1024  # most tokens of llama.cpp's context in the check; longer prompts are skipped
 CONTINUATION = 8  # tokens of each greedy continuation
 
 
 class GGUF:
     def __init__(self) -> None:
         self._cached: tuple[str, Reference] | None = None
-
-    def refuses(self, model_type: str) -> str | None:
-        if model_type in ARCHITECTURES:
-            return None
-        known = ", ".join(sorted(ARCHITECTURES))
-        return f"GGUF export supports models of type {known}; this one is {model_type!r}"
 
     def unsupported(self, config: dict[str, Any], tokenizer: Any) -> list[str]:
         return unsupported(config, _tokenizer_json(tokenizer))
@@ -110,7 +104,7 @@ GGUF_EXPORTER = GGUF()
 
 def unsupported(config: dict[str, Any], tokenizer_json: dict[str, Any]) -> list[str]:
     """Why a model of this ``config.json`` and ``tokenizer.json`` cannot be written as GGUF."""
-    why = GGUF_EXPORTER.refuses(str(config.get("model_type", "")))
+    why = gguf_refusal(str(config.get("model_type", "")))
     if why is not None:
         return [why]
     model = tokenizer_json.get("model") or {}
