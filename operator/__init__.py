@@ -10,6 +10,6 @@
 
 The trainer pod gets ``KUBETUNE_JOB_NAMESPACE``, ``KUBETUNE_JOB_NAME``, the resolved job at
 ``/etc/kubetune/job.yaml`` (``KUBETUNE_CONFIG``) and a service account token allowed to read
-its FineTuneJob and patch its status. It exits 3 (``kubetune.exitcodes``) when its
+its FineTuneJob and patch its status. It exits 3 (``kubetune.contract``) when its
 configuration cannot work, which fails the Job without retries.
 """

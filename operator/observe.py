@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
+from kubetune.contract import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
 
 from .planning import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
+from kubetune.contract import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_CONTAINER = "trainer"

@@ -20,7 +20,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from kubetune.trainer.context import RunContext
 
-from kubetune import exitcodes
+from kubetune import contract
 from kubetune.storage import StorageError
 from kubetune.trainer import distributed
 from kubetune.trainer.distributed import Launch
@@ -46,14 +46,14 @@ def run_job_file(
     path: Path, reporter: Reporter, console: Console, *, output: str | None, workdir: Path
 ) -> int:
     """Every stage of the job in this process; the exit code, also recorded for the launcher."""
-    code = exitcodes.FAILURE
+    code = contract.FAILURE
     try:
         code = _run_job_file(path, reporter, console, output=output, workdir=workdir)
     except Exception as exc:
         if not distributed.peer_lost(exc):
             raise
         console.print(f"error: another process of the job went away: {exc}", markup=False, highlight=False)
-        code = exitcodes.PEER_LOST_EXIT_CODE
+        code = contract.PEER_LOST_EXIT_CODE
     finally:
         distributed.record_exit(code)
     return code
@@ -66,7 +66,7 @@ def _run_job_file(
         job = load_job(path)
     except InvalidJob as exc:
         console.print(str(exc), markup=False, highlight=False)
-        return exitcodes.CONFIG_ERROR_EXIT_CODE
+        return contract.CONFIG_ERROR_EXIT_CODE
     quiet_libraries()
     from kubetune.trainer.checkpoints import Interrupted
     from kubetune.trainer.data import DataError
@@ -76,10 +76,10 @@ def _run_job_file(
         ctx = execute(job, reporter, workdir=workdir, output=output)
     except (DataError, InvalidJob) as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
-        return exitcodes.CONFIG_ERROR_EXIT_CODE
+        return contract.CONFIG_ERROR_EXIT_CODE
     except (StorageError, Interrupted) as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
-        return exitcodes.FAILURE
+        return contract.FAILURE
     if distributed.is_main():
         summary(ctx, console)
     gate = job.spec.evaluation.regression
@@ -88,8 +88,8 @@ def _run_job_file(
         console.print(
             f"error: regressed beyond maxDrop {gate.max_drop:g}: {drops}", markup=False, highlight=False
         )
-        return exitcodes.REGRESSED_EXIT_CODE
-    return exitcodes.OK
+        return contract.REGRESSED_EXIT_CODE
+    return contract.OK
 
 
 def run_local(path: Path, output: str | None = None, launch: Launch | None = None) -> int:
@@ -110,7 +110,7 @@ def run_local(path: Path, output: str | None = None, launch: Launch | None = Non
         if not given:
             shutil.rmtree(workdir, ignore_errors=True)
     # Bad input is exit status 1 on the command line; the pod's distinct code is for the Job.
-    return exitcodes.FAILURE if code == exitcodes.CONFIG_ERROR_EXIT_CODE else code
+    return contract.FAILURE if code == contract.CONFIG_ERROR_EXIT_CODE else code
 
 
 def run_in_pod(config: Path) -> int:
@@ -121,7 +121,7 @@ def run_in_pod(config: Path) -> int:
             job = load_job(config)
         except InvalidJob as exc:
             console.print(str(exc), markup=False, highlight=False)
-            return exitcodes.CONFIG_ERROR_EXIT_CODE
+            return contract.CONFIG_ERROR_EXIT_CODE
         job_id = f"{job.metadata.namespace or 'default'}-{job.metadata.name}"
         launch = distributed.pod_launch(job.spec.resources.gpus, job_id)
         if launch.needed:
@@ -156,7 +156,7 @@ def launch_workers(launch: Launch, argv: list[str], env: dict[str, str]) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return exitcodes.combined(distributed.recorded_exits(Path(folder)), returncode, nodes=launch.nnodes)
+        return contract.combined(distributed.recorded_exits(Path(folder)), returncode, nodes=launch.nnodes)
 
 
 def summary(ctx: RunContext, console: Console) -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kubetune import api
-from kubetune.exitcodes import CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE
+from kubetune.contract import CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE
 from kubetune.operator import planning
 from kubetune.operator.planning import OperatorConfig, dns_label, plan, spec_drift, suspend_patch
 

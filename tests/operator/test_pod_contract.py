@@ -13,7 +13,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from kubetune import api
-from kubetune.exitcodes import PEER_LOST_EXIT_CODE
+from kubetune.contract import PEER_LOST_EXIT_CODE
 from kubetune.operator import observe, planning
 from kubetune.operator.kube import Kube
 from kubetune.operator.planning import OperatorConfig, admission, image_allowed, plan

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from kubetune import api, exitcodes
+from kubetune import api, contract
 from kubetune.trainer import harness
 from kubetune.trainer.pipeline import execute
 from kubetune.trainer.run import run_job_file
@@ -111,7 +111,7 @@ def test_a_result_that_forgets_trips_the_gate_after_publishing(
     console = Console(record=True, width=200)
     code = run_job_file(path, LogRecorder(), console, output=str(out), workdir=tmp_path / "work")
 
-    assert code == exitcodes.REGRESSED_EXIT_CODE, console.export_text()
+    assert code == contract.REGRESSED_EXIT_CODE, console.export_text()
     assert "regressed beyond maxDrop 0.02" in console.export_text()
     assert (out / "manifest.json").exists()  # published first, then failed
     drops = json.loads((out / "metrics.json").read_text())["harness"]["regressions"]

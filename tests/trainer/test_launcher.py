@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import exitcodes
+from kubetune import contract
 from kubetune.trainer.distributed import Launch, pod_launch
 
 from .test_distributed import env, free_port, kill_everything_started_for, kubetune_run, write_job
@@ -24,17 +24,17 @@ STOPPED = re.compile(r"stopped by SIGTERM at step (\d+) after checkpointing")
 
 
 def test_the_pod_exit_code_names_the_worst_process() -> None:
-    combined = exitcodes.combined
+    combined = contract.combined
     config, failure, peer = (
-        exitcodes.CONFIG_ERROR_EXIT_CODE,
-        exitcodes.FAILURE,
-        exitcodes.PEER_LOST_EXIT_CODE,
+        contract.CONFIG_ERROR_EXIT_CODE,
+        contract.FAILURE,
+        contract.PEER_LOST_EXIT_CODE,
     )
     # torchrun exits 1 whatever its workers returned: the recorded codes decide
     assert combined([config, peer], 1, nodes=2) == config
     assert combined([peer, failure], 1, nodes=2) == failure
     # rank 0 alone judges the regression gate; its verdict is the pod's unless another failed
-    regressed = exitcodes.REGRESSED_EXIT_CODE
+    regressed = contract.REGRESSED_EXIT_CODE
     assert combined([regressed, 0], 1, nodes=1) == regressed
     assert combined([regressed, failure], 1, nodes=1) == failure
     assert combined([peer, peer], 1, nodes=2) == peer
@@ -86,7 +86,7 @@ def test_sigterm_to_the_launcher_checkpoints_one_step_on_every_rank_and_resumes(
         lines += first.stdout.readlines()
         first.wait(timeout=120)
         log = "".join(lines)
-        assert first.returncode == exitcodes.FAILURE, log
+        assert first.returncode == contract.FAILURE, log
         stops = [int(step) for step in STOPPED.findall(log)]
         assert len(stops) == 2, f"both ranks stop on the signal: {log}"
         assert stops[0] == stops[1], f"the ranks stopped at different steps {stops}"
@@ -139,7 +139,7 @@ def test_when_rank_0_fails_after_training_no_peer_succeeds(tmp_path: Path) -> No
         ]
         logs = [node.communicate(timeout=600)[0] for node in nodes]
         codes = sorted(node.returncode for node in nodes)
-        assert codes == [exitcodes.FAILURE, exitcodes.PEER_LOST_EXIT_CODE], logs
+        assert codes == [contract.FAILURE, contract.PEER_LOST_EXIT_CODE], logs
         assert sum("▶ push" in log for log in logs) == 1, "rank 0 got as far as publishing"
     finally:
         kill_everything_started_for(tmp_path)
@@ -174,7 +174,7 @@ def test_a_lost_node_makes_its_peer_exit_with_the_peer_lost_code(tmp_path: Path)
                 os.kill(pid, signal.SIGKILL)
         nodes[0].wait(timeout=300)
         nodes[1].wait(timeout=60)
-        assert nodes[0].returncode == exitcodes.PEER_LOST_EXIT_CODE, logs[0].read_text()
+        assert nodes[0].returncode == contract.PEER_LOST_EXIT_CODE, logs[0].read_text()
         assert "another process of the job went away" in logs[0].read_text()
         assert not (out / "manifest.json").exists()
     finally:
