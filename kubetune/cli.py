@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from kubetune import contract
+
 if TYPE_CHECKING:
     from kubetune.storage import StorageConfig
 
@@ -119,7 +121,7 @@ def run(
 @app.command()
 def trainer(
     config: Annotated[Path, typer.Option(help="The resolved FineTuneJob the operator mounted.")] = Path(
-        "/etc/kubetune/job.yaml"
+        contract.CONFIG_PATH
     ),
 ) -> None:
     """Entry point of the trainer pod: run the job and report to its FineTuneJob."""

@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.storage import sha256_file
 from kubetune.trainer.context import RunContext
-
-MANIFEST = "manifest.json"
 
 
 def metrics_document(ctx: RunContext) -> dict[str, Any]:
@@ -136,12 +134,13 @@ Trained tokens: {ctx.trained_tokens:,}.
 |---|---|---|
 {rows}
 {_gate_line(ctx)}
-![loss curves](report.png)
+![loss curves]({contract.REPORT})
 
 ## Files
 
-`adapter/` (PEFT adapter), `merged/` (full weights), `quantized/<format>/`, `metrics.json`,
-`predictions.jsonl`, `report.png`, and `manifest.json` listing every file with its SHA-256.
+`{contract.ADAPTER}/` (PEFT adapter), `{contract.MERGED}/` (full weights), `{contract.QUANTIZED}/<format>/`,
+`{contract.METRICS}`, `{contract.PREDICTIONS}`, `{contract.REPORT}`, and `{contract.MANIFEST}` listing every
+file with its SHA-256.
 """
 
 
@@ -157,7 +156,7 @@ def _gate_line(ctx: RunContext) -> str:
         if name.startswith("gguf-") and f"{name}_kl" in ctx.checks:
             c = {k: ctx.checks[f"{name}_{k}"] for k in ("kl", "top1", "greedy_same", "prompts")}
             lines.append(
-                f"`quantized/{name}/model.gguf`, checked with llama.cpp "
+                f"`{contract.QUANTIZED}/{name}/{contract.GGUF_MODEL}`, checked with llama.cpp "
                 f"on {c['prompts']:.0f} validation prompts: "
                 f"mean KL {c['kl']:.2g} from the merged model, top-1 agreement {c['top1']:.1%}, "
                 f"same greedy continuation on {c['greedy_same']:.0%}."

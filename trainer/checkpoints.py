@@ -35,6 +35,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
+from kubetune import contract
 from kubetune.storage import StorageURI
 from kubetune.trainer import distributed
 from kubetune.trainer.context import RunContext
@@ -70,7 +71,7 @@ def finished(checkpoint: str, planned_steps: int) -> bool:
 class CheckpointSync(TrainerCallback):
     def __init__(self, ctx: RunContext, *, waiting: int = 1) -> None:
         self.ctx = ctx
-        self.remote: StorageURI = ctx.output.join("checkpoints")
+        self.remote: StorageURI = ctx.output.join(contract.CHECKPOINTS)
         self._queue: queue.Queue[Path | None] = queue.Queue(maxsize=waiting)
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None

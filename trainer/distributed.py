@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from kubetune import contract
+
 # Rank 0 evaluates, merges, quantizes and uploads while the others wait: far longer than the
 # default collective timeout. The wait is on a gloo group (no NCCL watchdog); a peer that dies
 # breaks it at once (its sockets close), so only a hung rank 0 makes it last this long.
@@ -45,17 +47,14 @@ def launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-COLLECTIVE_TIMEOUT_ENV = "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS"
-
-
 def collective_timeout(seconds: int) -> dt.timedelta:
     """The spec's collective timeout, unless the environment sets one."""
-    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+    value = os.environ.get(contract.COLLECTIVE_TIMEOUT_ENV)
     if value is not None:
         try:
             seconds = int(value)
         except ValueError:
-            raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}: expected seconds, got {value!r}") from None
+            raise ValueError(f"{contract.COLLECTIVE_TIMEOUT_ENV}: expected seconds, got {value!r}") from None
     return dt.timedelta(seconds=seconds)
 
 
@@ -114,12 +113,9 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-EXIT_DIR_ENV = "KUBETUNE_EXIT_DIR"
-
-
 def record_exit(code: int) -> None:
     """Under torchrun, leave this process's exit code where `kubetune trainer` reads it."""
-    folder = os.environ.get(EXIT_DIR_ENV)
+    folder = os.environ.get(contract.EXIT_DIR_ENV)
     if folder and launched():
         Path(folder, f"rank-{rank()}").write_text(f"{code}\n")
 
@@ -162,7 +158,6 @@ class Launch:
         return [*launcher, "--module", "kubetune", *argv]
 
 
-GRACE_ENV = "KUBETUNE_GRACE_SECONDS"
 # Of the pod's grace period, what the launcher keeps for itself after the workers stopped.
 GRACE_MARGIN_SECONDS = 5
 
@@ -175,12 +170,13 @@ def pod_launch(gpus: int, job_id: str, environ: dict[str, str] | None = None) ->
     the headless Service has not yet published pod 0's record.
     """
     env = os.environ if environ is None else environ
-    nodes = int(env.get("KUBETUNE_NUM_NODES", "1"))
+    nodes = int(env.get(contract.NUM_NODES_ENV, "1"))
     endpoint, host = None, None
     if nodes > 1:
-        endpoint = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
-        host = int(env.get("KUBETUNE_NODE_RANK", "0")) == 0
-    grace = env.get(GRACE_ENV)
+        port = env.get(contract.MASTER_PORT_ENV, str(contract.MASTER_PORT))
+        endpoint = f"{env[contract.MASTER_ADDR_ENV]}:{port}"
+        host = int(env.get(contract.NODE_RANK_ENV, "0")) == 0
+    grace = env.get(contract.GRACE_ENV)
     return Launch(
         nproc_per_node=max(gpus, 1),
         nnodes=nodes,

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kubetune import contract
+
 BUILTIN_DATA = Path(__file__).resolve().parent / "builtin"
 PRESET_VERSION = "2"
 
@@ -38,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def cache_root() -> Path:
-    if explicit := os.environ.get("KUBETUNE_CACHE"):
+    if explicit := os.environ.get(contract.CACHE_ENV):
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
 

@@ -95,14 +95,14 @@ def _run_job_file(
 def run_local(path: Path, output: str | None = None, launch: Launch | None = None) -> int:
     """`kubetune run`: this process, or one per `--nproc-per-node` under torchrun."""
     console = Console(soft_wrap=True)
-    given = os.environ.get("KUBETUNE_WORKDIR")
+    given = os.environ.get(contract.WORKDIR_ENV)
     workdir = (
         Path(given) if given else Path(tempfile.mkdtemp(prefix="run-", dir=_ensure(cache_root() / "work")))
     )
     try:
         if launch is not None and launch.needed and not distributed.launched():
             argv = ["run", str(path), *(["--output", output] if output else [])]
-            code = launch_workers(launch, argv, {"KUBETUNE_WORKDIR": str(workdir)})
+            code = launch_workers(launch, argv, {contract.WORKDIR_ENV: str(workdir)})
         else:
             reporter = ConsoleReporter(console) if distributed.is_main() else SilentReporter()
             code = run_job_file(path, reporter, console, output=output, workdir=workdir)
@@ -129,8 +129,9 @@ def run_in_pod(config: Path) -> int:
     from kubetune.trainer.status import pod_reporter
 
     reporter = pod_reporter(console) if distributed.is_main() else SilentReporter()
-    workdir = Path(os.environ.get("KUBETUNE_WORKDIR", "/var/cache/kubetune/work"))
-    return run_job_file(config, reporter, console, output=os.environ.get("KUBETUNE_OUTPUT"), workdir=workdir)
+    workdir = Path(os.environ.get(contract.WORKDIR_ENV, contract.WORK_DIR))
+    output = os.environ.get(contract.OUTPUT_ENV)
+    return run_job_file(config, reporter, console, output=output, workdir=workdir)
 
 
 def launch_workers(launch: Launch, argv: list[str], env: dict[str, str]) -> int:
@@ -142,9 +143,7 @@ def launch_workers(launch: Launch, argv: list[str], env: dict[str, str]) -> int:
     one the workers recorded (torchrun only says that one failed).
     """
     with tempfile.TemporaryDirectory(prefix="kubetune-exit-") as folder:
-        proc = subprocess.Popen(
-            launch.command(argv), env=os.environ | env | {distributed.EXIT_DIR_ENV: folder}
-        )
+        proc = subprocess.Popen(launch.command(argv), env=os.environ | env | {contract.EXIT_DIR_ENV: folder})
 
         def forward(signum: int, frame: FrameType | None) -> None:
             with contextlib.suppress(ProcessLookupError):
@@ -168,10 +167,8 @@ def summary(ctx: RunContext, console: Console) -> None:
         table.add_row(key, _cell(ctx.before.get(key)), _cell(ctx.after.get(key)))
     console.print(table)
     console.print(f"artifacts: {ctx.output}", markup=False, highlight=False)
-    from kubetune.trainer.artifacts import MANIFEST
-
     entries = sorted((p.name, "/" if p.is_dir() else "") for p in ctx.staging.iterdir())
-    for name, note in [*entries, (MANIFEST, "  (every file, with its size and SHA-256)")]:
+    for name, note in [*entries, (contract.MANIFEST, "  (every file, with its size and SHA-256)")]:
         console.print(f"  {ctx.output.join(name)}{note}", markup=False, highlight=False)
 
 

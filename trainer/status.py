@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from rich.console import Console
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.trainer.reporter import ConsoleReporter, Reporter, Reporters
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,8 @@ class StatusReporter:
 
 def pod_reporter(console: Console) -> Reporter:
     """Console plus, when the pod names its job, status patches and /metrics."""
-    namespace = os.environ.get("KUBETUNE_JOB_NAMESPACE")
-    name = os.environ.get("KUBETUNE_JOB_NAME")
+    namespace = os.environ.get(contract.JOB_NAMESPACE_ENV)
+    name = os.environ.get(contract.JOB_NAME_ENV)
     if not namespace or not name:
         return ConsoleReporter(console)
     from kubernetes import client, config
@@ -178,11 +178,11 @@ def pod_reporter(console: Console) -> Reporter:
         config.load_kube_config()
     else:
         config.load_incluster_config()
-    port = int(os.environ.get("KUBETUNE_METRICS_PORT", "9400"))
+    port = int(os.environ.get(contract.METRICS_PORT_ENV, contract.METRICS_PORT))
     if port:
         start_http_server(port, registry=REGISTRY)
-    interval = float(os.environ.get("KUBETUNE_STATUS_INTERVAL", "5"))
-    timeout = float(os.environ.get("KUBETUNE_STATUS_TIMEOUT", "5"))
+    interval = float(os.environ.get(contract.STATUS_INTERVAL_ENV, "5"))
+    timeout = float(os.environ.get(contract.STATUS_TIMEOUT_ENV, "5"))
     return Reporters(
         [
             ConsoleReporter(console),

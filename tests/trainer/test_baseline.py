@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.trainer import distributed, modeling, pipeline
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.evaluation import evaluate, validation_loss
@@ -107,16 +107,16 @@ def test_the_loss_evaluation_holds_bounded_logits_and_gives_the_same_loss(
 def test_collective_timeout_from_the_spec_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tiny_job().spec
     assert spec.training.collective_timeout_seconds == 1800
-    monkeypatch.delenv(distributed.COLLECTIVE_TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(contract.COLLECTIVE_TIMEOUT_ENV, raising=False)
     assert distributed.collective_timeout(spec.training.collective_timeout_seconds) == dt.timedelta(
         minutes=30
     )
-    monkeypatch.setenv(distributed.COLLECTIVE_TIMEOUT_ENV, "7200")
+    monkeypatch.setenv(contract.COLLECTIVE_TIMEOUT_ENV, "7200")
     assert distributed.collective_timeout(1800) == dt.timedelta(hours=2)
-    monkeypatch.setenv(distributed.COLLECTIVE_TIMEOUT_ENV, "soon")
-    with pytest.raises(ValueError, match=f"^{distributed.COLLECTIVE_TIMEOUT_ENV}: expected seconds"):
+    monkeypatch.setenv(contract.COLLECTIVE_TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=f"^{contract.COLLECTIVE_TIMEOUT_ENV}: expected seconds"):
         distributed.collective_timeout(1800)
-    monkeypatch.delenv(distributed.COLLECTIVE_TIMEOUT_ENV)
+    monkeypatch.delenv(contract.COLLECTIVE_TIMEOUT_ENV)
     longer = tiny_job(training={"maxSteps": 1, "collectiveTimeoutSeconds": 5400}).spec
     args = training_arguments(longer, Path("unused"), has_validation=False)
     assert args.ddp_timeout == 5400

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.trainer import harness
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.evaluation import evaluate
@@ -33,7 +33,7 @@ def run(ctx: RunContext) -> None:
     ctx.reporter.results(api.Results(before=ctx.before, after=ctx.after, regressions=ctx.regressions))
     ctx.staging.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": p, "reference": r, "prediction": g} for p, r, g in samples]
-    (ctx.staging / "predictions.jsonl").write_text(
+    (ctx.staging / contract.PREDICTIONS).write_text(
         "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.trainer import merging, modeling
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data import PaddingCollator
@@ -66,7 +66,7 @@ def run(ctx: RunContext) -> None:
     if ctx.spec.method == api.Method.FULL or not ctx.spec.export.merge:
         return
     assert ctx.model_source is not None and ctx.data is not None
-    spec, target, adapter = ctx.spec, ctx.staging / "merged", ctx.staging / "adapter"
+    spec, target, adapter = ctx.spec, ctx.staging / contract.MERGED, ctx.staging / contract.ADAPTER
     dtype = modeling.compute_dtype(spec.training.precision)
     base_dir = checkpoint_dir(spec, ctx.model_source)
     try:
@@ -118,7 +118,7 @@ def check(ctx: RunContext, probe: dict[str, torch.Tensor], merged_dir: Path) -> 
 
     assert ctx.model_source is not None
     base = modeling.load_placed(ctx.spec, ctx.model_source, ctx.workdir)
-    reference = _logits(PeftModel.from_pretrained(base, ctx.staging / "adapter"), probe)
+    reference = _logits(PeftModel.from_pretrained(base, ctx.staging / contract.ADAPTER), probe)
     del base
     gc.collect()
     merged = modeling.load_placed(ctx.spec, merged_dir, ctx.workdir)

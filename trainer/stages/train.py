@@ -18,7 +18,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.trainer import checkpoints, distributed, modeling
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data import PackedCollator, PaddingCollator
@@ -246,7 +246,7 @@ def run(ctx: RunContext) -> None:
     ctx.trained_tokens = counter.tokens
     ctx.checks["train_runtime_seconds"] = runtime
     ctx.checks["global_step"] = float(trainer.state.global_step)
-    target = ctx.staging / ("merged" if spec.method == api.Method.FULL else "adapter")
+    target = ctx.staging / (contract.MERGED if spec.method == api.Method.FULL else contract.ADAPTER)
     if trainer.is_fsdp_enabled:
         ctx.model = save_sharded(trainer, ctx, target)
     else:
