@@ -8,8 +8,9 @@
   ``main``: the process (kopf, ``/metrics``, ``/healthz``); ``metrics``: Prometheus metrics;
   ``rbac``: the rules the operator needs; ``testing``: the operator in-process for tests.
 
-The trainer pod gets ``KUBETUNE_JOB_NAMESPACE``, ``KUBETUNE_JOB_NAME``, the resolved job at
-``/etc/kubetune/job.yaml`` (``KUBETUNE_CONFIG``) and a service account token allowed to read
-its FineTuneJob and patch its status. It exits 3 (``kubetune.contract``) when its
+What the trainer pod and the trainer agree on (environment, paths, ports, exit codes, the
+artifact layout) is ``kubetune.contract``: the pod gets its job's namespace and name, the
+resolved job at ``contract.CONFIG_PATH`` (named on its command line) and a service account
+token allowed to read its FineTuneJob and patch its status. It exits 3 when its
 configuration cannot work, which fails the Job without retries.
 """

@@ -13,9 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune import api
-from kubetune.contract import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
+from kubetune.contract import (
+    CONFIG_ERROR_EXIT_CODE,
+    PEER_LOST_EXIT_CODE,
+    REGRESSED_EXIT_CODE,
+    TRAINER_CONTAINER,
+)
 
-from .planning import COMPLETION_INDEX_ANNOTATION, TRAINER_CONTAINER
+from .planning import COMPLETION_INDEX_ANNOTATION
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (p.value for p in api.Phase)
 TERMINAL = frozenset({SUCCEEDED, FAILED})

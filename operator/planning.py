@@ -17,18 +17,9 @@ from typing import Any
 
 import yaml
 
-from kubetune import api
-from kubetune.contract import CONFIG_ERROR_EXIT_CODE, PEER_LOST_EXIT_CODE, REGRESSED_EXIT_CODE
+from kubetune import api, contract
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
-TRAINER_CONTAINER = "trainer"
-CONFIG_DIR = "/etc/kubetune"
-CONFIG_FILE = "job.yaml"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
-SCRATCH_DIR = "/var/cache/kubetune"
-TRAINER_UID = 1000
-MASTER_PORT = 29500
-TRAINER_METRICS_PORT = 9400  # the trainer's /metrics (KUBETUNE_METRICS_PORT's default)
 # Without spec.resources: a Burstable pod (never BestEffort, the first evicted) and a bounded
 # scratch disk (a full node disk evicts every pod on the node, not only this one).
 DEFAULT_CPU_REQUEST = "1"
@@ -269,7 +260,7 @@ def plan(job: api.FineTuneJob, config: OperatorConfig | None = None, *, attempt:
         "kind": "ConfigMap",
         "metadata": _metadata(names.config_map, owner),
         "immutable": True,
-        "data": {CONFIG_FILE: yaml.safe_dump(resolved_job(job, owner), sort_keys=False)},
+        "data": {contract.CONFIG_FILE: yaml.safe_dump(resolved_job(job, owner), sort_keys=False)},
     }
     service_account = {
         "apiVersion": "v1",
@@ -299,7 +290,9 @@ def plan(job: api.FineTuneJob, config: OperatorConfig | None = None, *, attempt:
                 "clusterIP": "None",
                 "publishNotReadyAddresses": True,
                 "selector": {LABEL_JOB: label_value(owner.name), LABEL_MANAGED_BY: MANAGER},
-                "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+                "ports": [
+                    {"name": "rendezvous", "port": contract.MASTER_PORT, "targetPort": contract.MASTER_PORT}
+                ],
             },
         }
     return Plan(
@@ -333,16 +326,15 @@ def trainer_rules(name: str) -> list[dict[str, Any]]:
 
 def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names, grace: int) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_JOB_NAMESPACE", "value": owner.namespace},
-        {"name": "KUBETUNE_GRACE_SECONDS", "value": str(grace)},
-        {"name": "KUBETUNE_JOB_NAME", "value": owner.name},
-        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
-        {"name": "HOME", "value": SCRATCH_DIR},
-        {"name": "XDG_CACHE_HOME", "value": SCRATCH_DIR},
-        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/huggingface"},
+        {"name": contract.JOB_NAMESPACE_ENV, "value": owner.namespace},
+        {"name": contract.GRACE_ENV, "value": str(grace)},
+        {"name": contract.JOB_NAME_ENV, "value": owner.name},
+        {"name": "HOME", "value": contract.SCRATCH_DIR},
+        {"name": "XDG_CACHE_HOME", "value": contract.SCRATCH_DIR},
+        {"name": "HF_HOME", "value": f"{contract.SCRATCH_DIR}/huggingface"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
-        {"name": "MPLCONFIGDIR", "value": f"{SCRATCH_DIR}/matplotlib"},
-        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "MPLCONFIGDIR", "value": f"{contract.SCRATCH_DIR}/matplotlib"},
+        {"name": "TMPDIR", "value": contract.TMP_DIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if spec.storage.endpoint:
@@ -354,15 +346,15 @@ def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names, grace: int) -> l
         ]
     if spec.resources.nodes > 1:
         env += [
-            {"name": "KUBETUNE_NUM_NODES", "value": str(spec.resources.nodes)},
+            {"name": contract.NUM_NODES_ENV, "value": str(spec.resources.nodes)},
             {
-                "name": "KUBETUNE_NODE_RANK",
+                "name": contract.NODE_RANK_ENV,
                 "valueFrom": {
                     "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
                 },
             },
-            {"name": "MASTER_ADDR", "value": f"{names.job}-0.{names.service}"},
-            {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+            {"name": contract.MASTER_ADDR_ENV, "value": f"{names.job}-0.{names.service}"},
+            {"name": contract.MASTER_PORT_ENV, "value": str(contract.MASTER_PORT)},
         ]
     return env
 
@@ -396,29 +388,29 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
     pod_labels = labels(owner)
     grace = spec.termination_grace_period_seconds or config.termination_grace_seconds
     container: dict[str, Any] = {
-        "name": TRAINER_CONTAINER,
+        "name": contract.TRAINER_CONTAINER,
         "image": spec.image or config.trainer_image,
         "imagePullPolicy": config.image_pull_policy,
-        "command": ["kubetune", "trainer", "--config", CONFIG_PATH],
+        "command": [*contract.TRAINER_COMMAND, "--config", contract.CONFIG_PATH],
         "env": _env(spec, owner, names, grace),
         "resources": _resources(spec, config),
         "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "scratch", "mountPath": SCRATCH_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": contract.SCRATCH_DIR},
+            {"name": "tmp", "mountPath": contract.TMP_DIR},
+            {"name": "dshm", "mountPath": contract.SHM_DIR},
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
+            "runAsUser": contract.TRAINER_UID,
+            "runAsGroup": contract.TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],
+        "ports": [{"name": "metrics", "containerPort": contract.METRICS_PORT}],
     }
     env_from = [
         {"secretRef": {"name": secret}}
@@ -428,7 +420,7 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
     if env_from:
         container["envFrom"] = env_from
     if spec.resources.nodes > 1:
-        container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT})
+        container["ports"].append({"name": "rendezvous", "containerPort": contract.MASTER_PORT})
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -438,9 +430,9 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
         "terminationGracePeriodSeconds": grace,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
+            "runAsUser": contract.TRAINER_UID,
+            "runAsGroup": contract.TRAINER_UID,
+            "fsGroup": contract.TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -480,9 +472,9 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
                 {
                     "action": "FailJob",
                     "onExitCodes": {
-                        "containerName": TRAINER_CONTAINER,
+                        "containerName": contract.TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": [CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE],
+                        "values": [contract.CONFIG_ERROR_EXIT_CODE, contract.REGRESSED_EXIT_CODE],
                     },
                 },
                 # Another node of the job went away: not this pod's fault either. The operator
@@ -490,9 +482,9 @@ def _job(spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: Operator
                 {
                     "action": "Ignore",
                     "onExitCodes": {
-                        "containerName": TRAINER_CONTAINER,
+                        "containerName": contract.TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": [PEER_LOST_EXIT_CODE],
+                        "values": [contract.PEER_LOST_EXIT_CODE],
                     },
                 },
             ]
@@ -546,7 +538,7 @@ def suspend_patch(spec: api.FineTuneJobSpec, job: Mapping[str, Any]) -> dict[str
 
 def spec_drift(config_map: Mapping[str, Any], job: api.FineTuneJob) -> list[str]:
     """Top-level spec fields that differ from what the trainer was started with (suspend aside)."""
-    data = (config_map.get("data") or {}).get(CONFIG_FILE)
+    data = (config_map.get("data") or {}).get(contract.CONFIG_FILE)
     if not data:
         return []
     ran = (yaml.safe_load(data) or {}).get("spec") or {}

@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from kubetune.operator import planning
+from kubetune import contract
 
 from .conftest import ROOT, planned_trainer_pod
 
@@ -206,18 +206,18 @@ def test_the_trainer_image_matches_the_pod_the_operator_plans() -> None:
     path = ROOT / "Dockerfile.trainer"
     stage = final_stage(path)
     keywords = [(i.keyword, i.arguments) for i in stage]
-    assert ("USER", f"{planning.TRAINER_UID}:{planning.TRAINER_UID}") in keywords
+    assert ("USER", f"{contract.TRAINER_UID}:{contract.TRAINER_UID}") in keywords
     assert ("EXPOSE", "9400") in keywords
     assert ("ENTRYPOINT", '["kubetune", "trainer"]') in keywords
     env = " ".join(i.arguments for i in stage if i.keyword == "ENV")
     pod = planned_trainer_pod()
     [container] = pod["spec"]["containers"]
     assert container["command"][:2] == ["kubetune", "trainer"]
-    assert pod["spec"]["securityContext"]["runAsUser"] == planning.TRAINER_UID
+    assert pod["spec"]["securityContext"]["runAsUser"] == contract.TRAINER_UID
     pod_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     for name in ("HF_HOME", "HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR"):
         assert f"{name}={pod_env[name]}" in env, f"{name} differs from the pod's"
-    assert pod_env["HF_HOME"].startswith(planning.SCRATCH_DIR + "/")
+    assert pod_env["HF_HOME"].startswith(contract.SCRATCH_DIR + "/")
     assert "KUBETUNE_METRICS_PORT=9400" in env
     base = base_image(path)
     assert "cuda" in base.lower() or "pytorch" in base.lower()

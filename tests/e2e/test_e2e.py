@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.artifacts import pull
-from kubetune.operator import planning
 from kubetune.operator.kube import Kube
 from kubetune.storage import ObjectStore
 from kubetune.testing import node
@@ -143,7 +142,7 @@ def test_a_finetunejob_trains_in_a_real_trainer_container(
         assert container["image"] == "localhost/kubetune-trainer:dev"
         name = trainer["metadata"]["name"]
         uid = e2e_cluster.kubectl("exec", "-n", ns, name, "--", "id", "-u").stdout.strip()
-        assert uid == str(planning.TRAINER_UID) == "1000"
+        assert uid == str(contract.TRAINER_UID) == "1000"
 
         def scraped() -> str | None:
             url = f"http://{trainer['status']['podIP']}:9400/metrics"

@@ -170,7 +170,7 @@ def test_trainer_command_image_and_environment() -> None:
     values = env(default)
     assert values["KUBETUNE_JOB_NAMESPACE"] == "ml"
     assert values["KUBETUNE_JOB_NAME"] == "llama-tune"
-    assert values["KUBETUNE_CONFIG"] == "/etc/kubetune/job.yaml"
+    assert "KUBETUNE_CONFIG" not in values, "the command line names the config, nothing else"
     assert values["HF_HOME"].startswith("/var/cache/kubetune/")
     assert "AWS_ENDPOINT_URL_S3" not in values and "AWS_REGION" not in values
 
