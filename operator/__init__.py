@@ -3,7 +3,8 @@
 - ``planning``: the pure plan of a FineTuneJob's objects (ConfigMap with the resolved spec,
   ServiceAccount, Role and RoleBinding for this one job, the trainer Job; for several nodes
   an Indexed Job and a headless Service).
-- ``observe``: the pure mapping of the trainer Job and its pods to phase, conditions, events.
+- ``observe``: the pure mapping of the trainer Job and its pods to phase, conditions, events;
+  ``workload``: what it reads of them (the trainer container's state, disruptions, counts).
 - ``reconcile``: one idempotent pass that applies both; ``handlers``: the kopf triggers;
   ``main``: the process (kopf, ``/metrics``, ``/healthz``); ``metrics``: Prometheus metrics;
   ``rbac``: the rules the operator needs; ``testing``: the operator in-process for tests.

@@ -13,14 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubetune import api
-from kubetune.contract import (
-    CONFIG_ERROR_EXIT_CODE,
-    PEER_LOST_EXIT_CODE,
-    REGRESSED_EXIT_CODE,
-    TRAINER_CONTAINER,
-)
+from kubetune.contract import CONFIG_ERROR_EXIT_CODE, REGRESSED_EXIT_CODE
 
-from .planning import COMPLETION_INDEX_ANNOTATION
+from . import workload
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = (p.value for p in api.Phase)
 TERMINAL = frozenset({SUCCEEDED, FAILED})
@@ -58,7 +53,6 @@ OPERATOR_FIELDS = (
     "message",
 )
 MESSAGE_LIMIT = 1024
-JOB_TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
 
 
 @dataclass(frozen=True)
@@ -144,100 +138,6 @@ def set_condition(
     return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
 
 
-def _true_conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    conditions = ((job.get("status") or {}).get("conditions")) or []
-    return {c["type"]: c for c in conditions if c.get("status") == "True" and "type" in c}
-
-
-def _trainer_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") == TRAINER_CONTAINER:
-            return status  # type: ignore[no-any-return]
-    return {}
-
-
-def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any]:
-    status = _trainer_status(pod)
-    return (
-        (status.get("state") or {}).get("terminated")
-        or (status.get("lastState") or {}).get("terminated")
-        or {}
-    )
-
-
-def _waiting(pod: Mapping[str, Any]) -> Mapping[str, Any]:
-    return (_trainer_status(pod).get("state") or {}).get("waiting") or {}
-
-
-def _unschedulable(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    for condition in (pod.get("status") or {}).get("conditions") or []:
-        if (
-            condition.get("type") == "PodScheduled"
-            and condition.get("status") == "False"
-            and condition.get("reason") == "Unschedulable"
-        ):
-            return condition  # type: ignore[no-any-return]
-    return None
-
-
-def _disrupted(pod: Mapping[str, Any]) -> bool:
-    """Ended (or ending) by preemption, eviction or a lost peer: what the Job does not count."""
-    if any(
-        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-        for c in (pod.get("status") or {}).get("conditions") or []
-    ):
-        return _phase(pod) == "Failed" or bool((pod.get("metadata") or {}).get("deletionTimestamp"))
-    return _phase(pod) == "Failed" and _terminated(pod).get("exitCode") == PEER_LOST_EXIT_CODE
-
-
-def disruptions(pods: Sequence[Mapping[str, Any]]) -> int:
-    """Attempts lost to disruptions: the most disrupted pods of any one node (completion index).
-
-    One preempted node of a multi-node job ends its own pod (DisruptionTarget) and every peer's
-    (peer lost): that is one disruption on each index, not one per pod.
-    """
-    per_index: dict[str, int] = {}
-    for pod in pods:
-        if _disrupted(pod):
-            index = ((pod.get("metadata") or {}).get("annotations") or {}).get(
-                COMPLETION_INDEX_ANNOTATION, "0"
-            )
-            per_index[index] = per_index.get(index, 0) + 1
-    return max(per_index.values(), default=0)
-
-
-def _created(pod: Mapping[str, Any]) -> str:
-    return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
-
-
-def _phase(pod: Mapping[str, Any]) -> str:
-    return str((pod.get("status") or {}).get("phase") or "Pending")
-
-
-def _disruption(pod: Mapping[str, Any]) -> str:
-    for c in (pod.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
-            detail = str(c.get("message") or "").strip()
-            return f"was disrupted ({c.get('reason') or 'DisruptionTarget'})" + (
-                f": {detail}" if detail else ""
-            )
-    return f"lost a peer node (exit code {PEER_LOST_EXIT_CODE})"
-
-
-def _failure(pod: Mapping[str, Any]) -> str:
-    """Why a trainer pod failed, in a few words and its termination message."""
-    terminated = _terminated(pod)
-    if terminated.get("reason") == "OOMKilled":
-        what = "was killed for running out of memory (OOMKilled)"
-    elif "exitCode" in terminated:
-        what = f"exited with code {terminated['exitCode']}"
-    else:
-        reason = (pod.get("status") or {}).get("reason") or "unknown reason"
-        what = f"failed ({reason})"
-    detail = str(terminated.get("message") or (pod.get("status") or {}).get("message") or "").strip()
-    return f"{what}: {detail}" if detail else what
-
-
 def assess(
     job: Mapping[str, Any] | None,
     pods: Sequence[Mapping[str, Any]],
@@ -263,9 +163,9 @@ def assess(
             )
         return Assessment(PENDING, "Creating", f"creating the trainer Job {job_name}")
 
-    pods = sorted(pods, key=_created)
-    failed_pods = [p for p in pods if _phase(p) == "Failed"]
-    true = _true_conditions(job)
+    pods = sorted(pods, key=workload.created)
+    failed_pods = [p for p in pods if workload.pod_phase(p) == "Failed"]
+    true = workload.true_conditions(job)
     job_status = job.get("status") or {}
 
     for kind in ("Complete", "SuccessCriteriaMet"):
@@ -274,10 +174,10 @@ def assess(
     for kind in ("Failed", "FailureTarget"):
         if kind in true:
             return _failed(true[kind], failed_pods[-1] if failed_pods else None, spec, job_status)
-    disrupted = disruptions(pods)
+    disrupted = workload.disruptions(pods)
     if disrupted > spec.disruption_limit:
-        last = next((p for p in reversed(pods) if _disrupted(p)), None)
-        why = _disruption(last) if last is not None else "disrupted"
+        last = next((p for p in reversed(pods) if workload.disrupted(p)), None)
+        why = workload.disruption(last) if last is not None else "disrupted"
         return Assessment(
             FAILED,
             "DisruptionLimitExceeded",
@@ -296,36 +196,38 @@ def assess(
         return Assessment(PENDING, "Resuming", "resuming the trainer Job")
 
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    running = [p for p in live if _phase(p) == "Running"]
+    running = [p for p in live if workload.pod_phase(p) == "Running"]
     if running or (not pods and job_status.get("ready")):
-        crash = next((w for p in running if (w := _waiting(p)).get("reason") == "CrashLoopBackOff"), None)
+        crash = next(
+            (w for p in running if (w := workload.waiting(p)).get("reason") == "CrashLoopBackOff"), None
+        )
         if crash:
             return Assessment(
                 RUNNING, "CrashLoopBackOff", str(crash.get("message") or "the trainer keeps crashing")
             )
         return Assessment(
-            RUNNING, "PodRunning", f"the trainer is running (attempt {_attempts(job, spec) or 1})"
+            RUNNING, "PodRunning", f"the trainer is running (attempt {workload.attempts(job, spec) or 1})"
         )
 
-    pending = [p for p in live if _phase(p) == "Pending"]
+    pending = [p for p in live if workload.pod_phase(p) == "Pending"]
     for pod in reversed(pending):
-        waiting = _waiting(pod)
+        waiting = workload.waiting(pod)
         if waiting.get("reason") in STUCK_WAITING:
             detail = str(waiting.get("message") or "").strip()
             reason = str(waiting["reason"])
             return Assessment(
                 PENDING, reason, f"trainer container: {reason}" + (f": {detail}" if detail else "")
             )
-        unschedulable = _unschedulable(pod)
+        unschedulable = workload.unschedulable(pod)
         if unschedulable:
             detail = str(unschedulable.get("message") or "no node fits").strip()
             return Assessment(PENDING, "Unschedulable", f"the trainer pod cannot be scheduled: {detail}")
-    if _settling(job, pods) and status.get("phase"):
+    if workload.settling(job, pods) and status.get("phase"):
         # Until the Job controller has counted an ended pod, keep what was last written.
         return _previous(status)
-    used = _count(job, "failed")
+    used = workload.count(job, "failed")
     if used > 0:
-        last = _failure(failed_pods[-1]) if failed_pods else "failed"
+        last = workload.failure(failed_pods[-1]) if failed_pods else "failed"
         return Assessment(
             PENDING,
             "Retrying",
@@ -353,7 +255,7 @@ def _failed(
 ) -> Assessment:
     reason = str(condition.get("reason") or "JobFailed")
     detail = str(condition.get("message") or "").strip()
-    terminated = _terminated(last_failed) if last_failed else {}
+    terminated = workload.terminated(last_failed) if last_failed else {}
     if reason == "PodFailurePolicy":
         if (
             terminated.get("exitCode") == CONFIG_ERROR_EXIT_CODE
@@ -375,8 +277,8 @@ def _failed(
             f"the trainer ran longer than activeDeadlineSeconds ({spec.active_deadline_seconds}s)",
         )
     if reason == "BackoffLimitExceeded":
-        failed = _count({"status": job_status}, "failed")
-        last = _failure(last_failed) if last_failed else "failed"
+        failed = workload.count({"status": job_status}, "failed")
+        last = workload.failure(last_failed) if last_failed else "failed"
         head = (
             f"the trainer failed {failed} time(s) (backoffLimit {spec.backoff_limit}); "
             f"the last attempt {last}"
@@ -387,50 +289,6 @@ def _failed(
             )
         return Assessment(FAILED, reason, head)
     return Assessment(FAILED, reason, detail or "the trainer Job failed")
-
-
-def _count(job: Mapping[str, Any], kind: str) -> int:
-    """Pods the Job counts as ``kind`` (failed or succeeded), those not yet in the counter included."""
-    status = job.get("status") or {}
-    uncounted = (status.get("uncountedTerminatedPods") or {}).get(kind) or []
-    return int(status.get(kind) or 0) + len(uncounted)
-
-
-def _attempts(job: Mapping[str, Any] | None, spec: api.FineTuneJobSpec) -> int | None:
-    """Trainer attempts started: pods created, counted per node for multi-node jobs."""
-    if job is None:
-        return None
-    pods = (
-        _count(job, "failed") + _count(job, "succeeded") + int((job.get("status") or {}).get("active") or 0)
-    )
-    nodes = spec.resources.nodes
-    return -(-pods // nodes)
-
-
-def _settling(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> bool:
-    """A pod has ended but the Job controller has not yet counted it: the Job's state is stale."""
-    uncounted = ((job.get("status") or {}).get("uncountedTerminatedPods")) or {}
-    waiting = {uid for uids in uncounted.values() for uid in uids or []}
-    for pod in pods:
-        meta = pod.get("metadata") or {}
-        if _phase(pod) in ("Succeeded", "Failed") and (
-            JOB_TRACKING_FINALIZER in (meta.get("finalizers") or []) or meta.get("uid") in waiting
-        ):
-            return True
-    return False
-
-
-def _completion_time(job: Mapping[str, Any] | None, now: str) -> str:
-    if job is not None:
-        status = job.get("status") or {}
-        if status.get("completionTime"):
-            return str(status["completionTime"])
-        for condition in status.get("conditions") or []:
-            if condition.get("type") in ("Complete", "Failed", "SuccessCriteriaMet", "FailureTarget") and (
-                condition.get("status") == "True" and condition.get("lastTransitionTime")
-            ):
-                return str(condition["lastTransitionTime"])
-    return now
 
 
 def observe(
@@ -484,7 +342,7 @@ def observe(
     if not start_time and job is not None:
         start_time = (job.get("metadata") or {}).get("creationTimestamp") or stamp
     terminal = found.phase in TERMINAL
-    attempts = _attempts(job, spec)
+    attempts = workload.attempts(job, spec)
     if attempts is None:
         attempts = status.get("attempts")
     update = StatusUpdate(
@@ -495,7 +353,7 @@ def observe(
         observed_generation=generation,
         attempts=attempts,
         start_time=start_time,
-        completion_time=_completion_time(job, stamp) if terminal else None,
+        completion_time=workload.completion_time(job, stamp) if terminal else None,
         stage=((status.get("progress") or {}).get("stage") or status.get("stage"))
         if found.phase == FAILED
         else None,

@@ -14,7 +14,7 @@ from kubernetes.client import ApiClient
 
 from kubetune import api
 from kubetune.contract import PEER_LOST_EXIT_CODE
-from kubetune.operator import observe, planning
+from kubetune.operator import observe, planning, workload
 from kubetune.operator.kube import Kube
 from kubetune.operator.planning import OperatorConfig, admission, image_allowed, plan
 from kubetune.operator.testing import OperatorRunner, install_crd, set_pod_finished
@@ -144,12 +144,12 @@ def failed_pod(index: int, *, exit_code: int = 1, disruption: str | None = None)
 def test_one_lost_node_counts_once_not_once_per_peer() -> None:
     preempted = [failed_pod(2, exit_code=143, disruption="PreemptionByScheduler")]
     peers = [failed_pod(i, exit_code=PEER_LOST_EXIT_CODE) for i in (0, 1, 3)]
-    assert observe.disruptions(preempted + peers) == 1
+    assert workload.disruptions(preempted + peers) == 1
     again = [failed_pod(2, disruption="TerminationByKubelet")] + [
         failed_pod(i, exit_code=PEER_LOST_EXIT_CODE) for i in (0, 1, 3)
     ]
-    assert observe.disruptions(preempted + peers + again) == 2
-    assert observe.disruptions([failed_pod(0, exit_code=1)]) == 0, "an ordinary failure is backoff's"
+    assert workload.disruptions(preempted + peers + again) == 2
+    assert workload.disruptions([failed_pod(0, exit_code=1)]) == 0, "an ordinary failure is backoff's"
 
 
 def test_more_disruptions_than_the_limit_fail_the_job() -> None:
