@@ -43,7 +43,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,19 +55,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import (
-    ControlPlane,
-    ControlPlaneError,
-    _CertificateAuthority,
-    _Credential,
+from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, assets_cache_dir, free_port
+from kubetune.testing.controlplane.pki import (
+    CertificateAuthority,
+    Credential,
     _pem_key,
-    _Process,
-    _wait_for,
     _write,
-    _write_kubeconfig,
-    assets_cache_dir,
-    free_port,
+    write_kubeconfig,
 )
+from kubetune.testing.controlplane.processes import Process, serve_until_signal, wait_until
 
 NODE_NAME = "kubetune-e2e"
 BRIDGE = "kubetune0"
@@ -175,7 +170,7 @@ def _log(message: str) -> None:
 
 def _issue(
     ca_cert: Path, ca_key: Path, stem: Path, common_name: str, organization: str, *, server_ip: str = ""
-) -> _Credential:
+) -> Credential:
     """A client (or, with ``server_ip``, serving) certificate signed by an existing CA."""
     authority = x509.load_pem_x509_certificate(ca_cert.read_bytes())
     authority_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
@@ -210,7 +205,7 @@ def _issue(
             critical=False,
         )
     cert = builder.sign(authority_key, hashes.SHA256())
-    return _Credential(
+    return Credential(
         cert=_write(stem.with_suffix(".crt"), cert.public_bytes(serialization.Encoding.PEM)),
         key=_write(stem.with_suffix(".key"), _pem_key(key), 0o600),
     )
@@ -446,7 +441,7 @@ class Node:
         self.layout = Layout(directory.resolve())
         self.images = list(images)
         self.plane: ControlPlane | None = None
-        self._processes: list[_Process] = []
+        self._processes: list[Process] = []
 
     def start(self, timeout: float = 180.0) -> None:
         layout = self.layout
@@ -465,7 +460,7 @@ class Node:
         pki.mkdir()
 
         # The API server's identity towards the kubelet, from a CA that only the kubelet trusts.
-        kubelet_client_ca = _CertificateAuthority(pki, "kubelet-client-ca", "kubetune-e2e-kubelet-client-ca")
+        kubelet_client_ca = CertificateAuthority(pki, "kubelet-client-ca", "kubetune-e2e-kubelet-client-ca")
         apiserver_client = kubelet_client_ca.issue(
             "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
             organizations=("system:masters",), client=True,
@@ -501,7 +496,7 @@ class Node:
         config = layout.dir / "containerd.toml"
         config.write_text(_containerd_config(layout))
         containerd = self._spawn("containerd", ["containerd", "--config", str(config)])
-        _wait_for(
+        wait_until(
             lambda: (
                 _run("ctr", "--address", str(layout.containerd_socket), "version", check=False).returncode
                 == 0
@@ -525,7 +520,7 @@ class Node:
             NODE_NAME, "system:nodes", server_ip=GATEWAY,
         )  # fmt: skip
         kubeconfig = layout.dir / "kubelet.kubeconfig"
-        _write_kubeconfig(kubeconfig, plane.server, plane.ca_cert_path, f"system:node:{NODE_NAME}", node)
+        write_kubeconfig(kubeconfig, plane.server, plane.ca_cert_path, f"system:node:{NODE_NAME}", node)
         kubelet_config = layout.dir / "kubelet.yaml"
         kubelet_config.write_text(
             yaml.safe_dump(
@@ -557,7 +552,7 @@ class Node:
                 conditions = (status.conditions if status else None) or []
                 return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
-            _wait_for(
+            wait_until(
                 ready,
                 what=f"node {NODE_NAME} to be Ready",
                 timeout=timeout,
@@ -565,8 +560,8 @@ class Node:
                 interval=0.5,
             )
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> _Process:
-        process = _Process(name, argv, self.layout.dir / f"{name}.log")
+    def _spawn(self, name: str, argv: Sequence[str]) -> Process:
+        process = Process(name, argv, self.layout.dir / f"{name}.log")
         self._processes.append(process)
         process.start()
         return process
@@ -700,43 +695,23 @@ def cleanup(directory: Path) -> None:
 
 
 def _serve(directory: Path) -> int:
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    ready_file = directory / "ready"
-    ready_file.unlink(missing_ok=True)
     node = Node(directory)
-    try:
-        node.start()
+
+    def state() -> dict[str, object]:
         assert node.plane is not None
-        state = {
-            "pid": os.getpid(),
+        return {
             "server": node.plane.server,
             "kubeconfig": str(node.plane.kubeconfig_path),
             "node": NODE_NAME,
             "gateway": GATEWAY,
             "logs": {name: str(path) for name, path in node.logs().items()},
         }
-        ready_file.write_text(json.dumps(state, indent=2) + "\n")
-        print(f"node {NODE_NAME} ready; kubeconfig: {node.plane.kubeconfig_path}", flush=True)
-        while not stop.wait(1.0):
-            exited = node.exited_processes()
-            if exited:
-                print(
-                    f"node process exited: {', '.join(exited)}; see the logs in {directory}", file=sys.stderr
-                )
-                return 1
-        return 0
-    except ControlPlaneError as error:
-        print(f"node failed to start: {error}", file=sys.stderr)
-        return 1
-    finally:
-        ready_file.unlink(missing_ok=True)
-        node.stop()
+
+    def ready() -> str:
+        assert node.plane is not None
+        return f"node {NODE_NAME} ready; kubeconfig: {node.plane.kubeconfig_path}"
+
+    return serve_until_signal(node, directory, what="node", state=state, ready=ready)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.testing import controlplane
 from kubetune.testing.controlplane import (
     ASSET_ENV_VARS,
     BINARY_NAMES,
@@ -16,6 +15,7 @@ from kubetune.testing.controlplane import (
     FAKE_NODE_BINARY_NAMES,
     KUBERNETES_VERSION,
     ControlPlaneError,
+    assets,
     assets_cache_dir,
     find_binaries,
     find_fake_node_binaries,
@@ -102,6 +102,6 @@ def test_failed_build_is_reported(clean_env: Path, tmp_path: Path, monkeypatch: 
     failing = tmp_path / "build-test-assets"
     failing.write_text("#!/bin/sh\necho no go here >&2\nexit 3\n")
     failing.chmod(0o755)
-    monkeypatch.setattr(controlplane, "BUILD_SCRIPT", failing)
+    monkeypatch.setattr(assets, "BUILD_SCRIPT", failing)
     with pytest.raises(ControlPlaneError, match="exit code 3"):
         find_binaries(build=True)

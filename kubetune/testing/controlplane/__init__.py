@@ -1,0 +1,71 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver and, optionally,
+kube-controller-manager, plus kube-scheduler and kwok for fake nodes, started from local
+binaries the way envtest does it.
+
+Binaries are looked up per name in this order:
+
+1. ``TEST_ASSET_ETCD``, ``TEST_ASSET_KUBE_APISERVER``, ``TEST_ASSET_KUBE_CONTROLLER_MANAGER``,
+   ``TEST_ASSET_KUBECTL``, ``TEST_ASSET_KUBE_SCHEDULER``, ``TEST_ASSET_KWOK``;
+2. ``$KUBEBUILDER_ASSETS/<name>``;
+3. the project cache ``${XDG_CACHE_HOME:-~/.cache}/kubetune/assets/<version>/<name>``;
+4. otherwise ``hack/build-test-assets`` builds them into that cache.
+
+Command line (used by ``hack/dev-cluster``)::
+
+    python -m kubetune.testing.controlplane assets            # print binaries, build if missing
+    python -m kubetune.testing.controlplane serve --dir DIR   # run until SIGTERM
+
+The parts: :mod:`.assets` (the binaries), :mod:`.pki` (certificates and kubeconfigs),
+:mod:`.processes` (starting, stopping and waiting for processes), :mod:`.components` (each
+component's command line, fake nodes), :mod:`.crds` (installing CRDs), :mod:`.plane` (the
+:class:`ControlPlane`), :mod:`.cli` (the command line).
+"""
+
+from .assets import (
+    ASSET_ENV_VARS,
+    BINARY_NAMES,
+    BUILD_SCRIPT,
+    ETCD_VERSION,
+    FAKE_NODE_BINARY_NAMES,
+    KUBERNETES_VERSION,
+    Binaries,
+    FakeNodeBinaries,
+    assets_cache_dir,
+    build_assets,
+    find_binaries,
+    find_fake_node_binaries,
+    locate_binary,
+)
+from .components import SERVICE_ACCOUNT_ISSUER, SERVICE_CLUSTER_IP_RANGE, FakeNode
+from .crds import install_crds
+from .errors import ControlPlaneError
+from .pki import CONTEXT_NAME
+from .plane import ADMIN_USER, ControlPlane
+from .processes import WaitTimeout, free_port, wait_until
+
+__all__ = [
+    "ADMIN_USER",
+    "ASSET_ENV_VARS",
+    "BINARY_NAMES",
+    "BUILD_SCRIPT",
+    "CONTEXT_NAME",
+    "ETCD_VERSION",
+    "FAKE_NODE_BINARY_NAMES",
+    "KUBERNETES_VERSION",
+    "SERVICE_ACCOUNT_ISSUER",
+    "SERVICE_CLUSTER_IP_RANGE",
+    "Binaries",
+    "ControlPlane",
+    "ControlPlaneError",
+    "FakeNode",
+    "FakeNodeBinaries",
+    "WaitTimeout",
+    "assets_cache_dir",
+    "build_assets",
+    "find_binaries",
+    "find_fake_node_binaries",
+    "free_port",
+    "install_crds",
+    "locate_binary",
+    "wait_until",
+]

@@ -1,0 +1,432 @@
+"""The test control plane: etcd, kube-apiserver and, optionally, kube-controller-manager,
+plus kube-scheduler and kwok for fake nodes, on free loopback ports, started from local
+binaries (see :mod:`.assets`) the way envtest does it."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from kubernetes import client as k8s
+
+from . import components
+from .assets import Binaries, FakeNodeBinaries, find_binaries, find_fake_node_binaries
+from .components import SERVICE_ACCOUNT_ISSUER, FakeNode
+from .crds import CrdSource, install_crds
+from .errors import ControlPlaneError
+from .pki import ClusterPki, Credential, write_kubeconfig
+from .processes import Process, ProcessExited, free_port, http_ok, wait_until
+
+ADMIN_USER = "kubetune-admin"
+
+
+class ControlPlane:
+    """etcd + kube-apiserver (+ kube-controller-manager) on free loopback ports; with
+    ``fake_nodes`` also kube-scheduler and kwok, so Pods get scheduled and "run".
+
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`. Everything lives
+    in ``work_dir`` (a fresh temporary directory, removed on stop, unless one is given):
+    certificates under ``pki/``, the etcd data, one ``<process>.log`` per process, and
+    ``kubeconfig`` for an admin in ``system:masters``.
+
+    ``crds`` (YAML files, or directories of them) are installed before the controller
+    manager starts, as envtest does: its garbage collector then follows owners of those
+    kinds at once, whereas it discovers CRDs installed later only on its 30 s resync.
+
+    Without the controller manager nothing creates the ``default`` ServiceAccount of a
+    namespace, so the ServiceAccount admission plugin is turned off then; with it the
+    API server admits Pods exactly as a cluster does.
+    """
+
+    def __init__(
+        self,
+        *,
+        controller_manager: bool = True,
+        work_dir: Path | str | None = None,
+        binaries: Binaries | None = None,
+        startup_timeout: float = 120.0,
+        crds: Sequence[Path | str] = (),
+        fake_nodes: Sequence[FakeNode] = (),
+        apiserver_args: Sequence[str] = (),
+        controller_manager_args: Sequence[str] = (),
+        scheduler: bool = False,
+    ) -> None:
+        self.controller_manager = controller_manager
+        self.fake_nodes = list(fake_nodes)
+        # A scheduler for real nodes, which join later (kwok runs too, idle without fake nodes).
+        self.scheduler = scheduler or bool(self.fake_nodes)
+        self._given_work_dir = Path(work_dir).resolve() if work_dir is not None else None
+        self._binaries = binaries
+        self.startup_timeout = startup_timeout
+        self.crds = [Path(path) for path in crds]
+        self.extra_apiserver_args = list(apiserver_args)
+        self.extra_controller_manager_args = list(controller_manager_args)
+        self._work_dir: Path | None = None
+        self._processes: list[Process] = []
+        self._pki: ClusterPki | None = None
+        self._admin: Credential | None = None
+        self._server: str | None = None
+        self.etcd_url: str | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def started(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        if self._work_dir is not None:
+            raise ControlPlaneError("control plane already started")
+        binaries = self._binaries or find_binaries()
+        self._binaries = binaries
+        # Found (or built) before anything starts, not while the rest waits.
+        fake_node_binaries = find_fake_node_binaries() if self.scheduler else None
+        for attempt in range(3):
+            try:
+                self._start_once(binaries, fake_node_binaries)
+                return
+            except ProcessExited as error:
+                self.stop()
+                # Free ports are picked before the processes bind them; another process
+                # may win the race. Anything else is a real failure.
+                if not error.port_in_use or attempt == 2:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start_once(self, binaries: Binaries, fake_node_binaries: FakeNodeBinaries | None) -> None:
+        if self._given_work_dir is not None:
+            work_dir = self._given_work_dir
+            work_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ("etcd", "pki"):
+                shutil.rmtree(work_dir / stale, ignore_errors=True)
+        else:
+            work_dir = Path(tempfile.mkdtemp(prefix="kubetune-controlplane-"))
+        self._work_dir = work_dir
+
+        pki = ClusterPki(work_dir / "pki")
+        self._pki = pki
+        serving = pki.issue(
+            "serving",
+            "kube-apiserver",
+            server=True,
+            dns_names=(
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
+            ip_addresses=("127.0.0.1", "::1", "10.0.0.1"),
+        )
+        self._admin = pki.issue("admin", ADMIN_USER, organizations=("system:masters",), client=True)
+
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{etcd_port}"
+        etcd = self._spawn(
+            "etcd", components.etcd_command(binaries.etcd, work_dir / "etcd", self.etcd_url, peer_port)
+        )
+        wait_until(
+            lambda: http_ok(f"{self.etcd_url}/health", expect='"health":"true"'),
+            what="etcd /health",
+            timeout=self.startup_timeout,
+            processes=[etcd],
+        )
+
+        server = f"https://127.0.0.1:{api_port}"
+        apiserver = self._spawn(
+            "kube-apiserver",
+            components.apiserver_command(
+                binaries.kube_apiserver,
+                etcd_url=self.etcd_url,
+                port=api_port,
+                cert_dir=work_dir / "apiserver-certs",
+                serving=serving,
+                pki=pki,
+                # Without the controller manager nothing creates default ServiceAccounts.
+                disabled_admission=[] if self.controller_manager else ["ServiceAccount"],
+                extra=self.extra_apiserver_args,
+            ),
+        )
+        context = self.ssl_context()
+        wait_until(
+            lambda: http_ok(f"{server}/readyz", context=context, expect="ok"),
+            what="kube-apiserver /readyz",
+            timeout=self.startup_timeout,
+            processes=[etcd, apiserver],
+        )
+        self._server = server
+        write_kubeconfig(self.kubeconfig_path, server, pki.ca.cert, ADMIN_USER, self._admin)
+        if self.crds:
+            self.install_crds(*self.crds, timeout=self.startup_timeout)
+
+        if self.controller_manager:
+            self._start_controller_manager(binaries, serving, [etcd, apiserver])
+        if fake_node_binaries is not None:
+            self._start_fake_nodes(fake_node_binaries, serving)
+
+    def _start_controller_manager(
+        self, binaries: Binaries, serving: Credential, running: list[Process]
+    ) -> None:
+        assert self._pki is not None and self._server is not None
+        pki, work_dir = self._pki, self.work_dir
+        # The identity the bootstrap RBAC policy grants to the controller manager; each
+        # controller then acts as its own service account, as in kubeadm clusters.
+        credential = pki.issue("kube-controller-manager", "system:kube-controller-manager", client=True)
+        kubeconfig = work_dir / "kube-controller-manager.kubeconfig"
+        write_kubeconfig(kubeconfig, self._server, pki.ca.cert, "system:kube-controller-manager", credential)
+        port = free_port()
+        manager = self._spawn(
+            "kube-controller-manager",
+            components.controller_manager_command(
+                binaries.kube_controller_manager,
+                kubeconfig=kubeconfig,
+                port=port,
+                serving=serving,
+                pki=pki,
+                extra=self.extra_controller_manager_args,
+            ),
+        )
+        processes = [*running, manager]
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        wait_until(
+            lambda: http_ok(f"https://127.0.0.1:{port}/healthz", context=context, expect="ok"),
+            what="kube-controller-manager /healthz",
+            timeout=self.startup_timeout,
+            processes=processes,
+        )
+        # Pods need their namespace's default ServiceAccount; once the controller has
+        # made the one in "default", controllers are running and tests can create Pods.
+        with self.admin_api_client() as api:
+            core = k8s.CoreV1Api(api)
+
+            def default_service_account_exists() -> bool:
+                try:
+                    core.read_namespaced_service_account("default", "default")
+                except k8s.ApiException:
+                    return False
+                return True
+
+            wait_until(
+                default_service_account_exists,
+                what="the default ServiceAccount (created by kube-controller-manager)",
+                timeout=self.startup_timeout,
+                processes=processes,
+            )
+
+    def _start_fake_nodes(self, binaries: FakeNodeBinaries, serving: Credential) -> None:
+        assert self._pki is not None and self._server is not None
+        pki, work_dir = self._pki, self.work_dir
+        scheduler_credential = pki.issue("kube-scheduler", "system:kube-scheduler", client=True)
+        scheduler_kubeconfig = work_dir / "kube-scheduler.kubeconfig"
+        write_kubeconfig(
+            scheduler_kubeconfig, self._server, pki.ca.cert, "system:kube-scheduler", scheduler_credential
+        )
+        scheduler_port = free_port()
+        self._spawn(
+            "kube-scheduler",
+            components.scheduler_command(
+                binaries.kube_scheduler, kubeconfig=scheduler_kubeconfig, port=scheduler_port, serving=serving
+            ),
+        )
+        # kwok stands in for the kubelets of every fake node, so it gets the node and pod
+        # status rights of many kubelets at once: simplest as an admin.
+        kwok_credential = pki.issue("kwok", "kwok", organizations=("system:masters",), client=True)
+        kwok_kubeconfig = work_dir / "kwok.kubeconfig"
+        write_kubeconfig(kwok_kubeconfig, self._server, pki.ca.cert, "kwok", kwok_credential)
+        kwok_port = free_port()
+        self._spawn(
+            "kwok", components.kwok_command(binaries.kwok, kubeconfig=kwok_kubeconfig, port=kwok_port)
+        )
+        context = ssl.create_default_context(cafile=str(pki.ca.cert))
+        wait_until(
+            lambda: http_ok(f"https://127.0.0.1:{scheduler_port}/healthz", context=context, expect="ok"),
+            what="kube-scheduler /healthz",
+            timeout=self.startup_timeout,
+            processes=self._processes,
+        )
+        wait_until(
+            lambda: http_ok(f"http://127.0.0.1:{kwok_port}/healthz", expect="ok"),
+            what="kwok /healthz",
+            timeout=self.startup_timeout,
+            processes=self._processes,
+        )
+        for node in self.fake_nodes:
+            self.add_fake_node(node)
+
+    def add_fake_node(self, node: FakeNode, *, timeout: float = 60.0) -> None:
+        """Register a node that kwok keeps Ready and whose Pods it runs: Running once
+        scheduled, Succeeded soon after when a Job owns them. Needs ``fake_nodes``."""
+        if not any(process.name == "kwok" for process in self._processes):
+            raise ControlPlaneError("fake nodes need a control plane started with fake_nodes=[...]")
+        with self.admin_api_client() as api:
+            core = k8s.CoreV1Api(api)
+            body = k8s.V1Node.from_dict(node.manifest())
+            assert body is not None
+            core.create_node(body)
+
+            def ready() -> bool:
+                status = core.read_node(node.name).status
+                conditions = (status.conditions if status else None) or []
+                return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+            wait_until(
+                ready, what=f"fake node {node.name} to be Ready", timeout=timeout, processes=self._processes
+            )
+
+    def _spawn(self, name: str, argv: Sequence[str]) -> Process:
+        process = Process(name, argv, self.work_dir / f"{name}.log")
+        self._processes.append(process)
+        process.start()
+        return process
+
+    def stop(self) -> None:
+        """Stop every process (newest first) and remove a temporary work dir. Safe to call
+        twice and after a failed start."""
+        errors: list[BaseException] = []
+        for process in reversed(self._processes):
+            try:
+                process.stop()
+            except BaseException as error:  # keep stopping the others
+                errors.append(error)
+        self._processes.clear()
+        if self._work_dir is not None and self._given_work_dir is None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+        self._work_dir = None
+        self._server = None
+        self._pki = None
+        self._admin = None
+        self.etcd_url = None
+        if errors:
+            raise errors[0]
+
+    def running(self) -> bool:
+        return bool(self._processes) and not self.exited_processes()
+
+    def exited_processes(self) -> list[str]:
+        """Names of the processes that have died since they were started."""
+        return [process.name for process in self._processes if not process.running()]
+
+    def process_logs(self) -> dict[str, Path]:
+        return {process.name: process.log_path for process in self._processes}
+
+    # ---------------------------------------------------------------- accessors
+
+    def _require_started(self) -> None:
+        if self._server is None:
+            raise ControlPlaneError("control plane is not running; call start() or use it in a with block")
+
+    @property
+    def work_dir(self) -> Path:
+        if self._work_dir is None:
+            raise ControlPlaneError("control plane is not running; call start() or use it in a with block")
+        return self._work_dir
+
+    @property
+    def server(self) -> str:
+        """The API server URL, e.g. ``https://127.0.0.1:38211``."""
+        self._require_started()
+        assert self._server is not None
+        return self._server
+
+    @property
+    def kubeconfig_path(self) -> Path:
+        """A kubeconfig for an admin (``system:masters``) with all data embedded."""
+        return self.work_dir / "kubeconfig"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        self._require_started()
+        assert self._pki is not None
+        return self._pki.ca.cert
+
+    @property
+    def admin_cert_paths(self) -> tuple[Path, Path]:
+        """(certificate, key) of the admin client certificate."""
+        self._require_started()
+        assert self._admin is not None
+        return self._admin.cert, self._admin.key
+
+    def ssl_context(self, *, client_certificate: bool = True) -> ssl.SSLContext:
+        assert self._pki is not None and self._admin is not None
+        context = ssl.create_default_context(cafile=str(self._pki.ca.cert))
+        if client_certificate:
+            context.load_cert_chain(str(self._admin.cert), str(self._admin.key))
+        return context
+
+    def _configuration(self) -> k8s.Configuration:
+        configuration = k8s.Configuration()
+        configuration.host = self.server
+        configuration.ssl_ca_cert = str(self.ca_cert_path)
+        return configuration
+
+    def admin_api_client(self) -> k8s.ApiClient:
+        """A ``kubernetes.client.ApiClient`` authenticated as a ``system:masters`` admin.
+        Close it (or use it in a ``with`` block) when done."""
+        configuration = self._configuration()
+        configuration.cert_file, configuration.key_file = (str(path) for path in self.admin_cert_paths)
+        return k8s.ApiClient(configuration)
+
+    def token_api_client(self, token: str) -> k8s.ApiClient:
+        """A ``kubernetes.client.ApiClient`` that sends ``Authorization: Bearer <token>``."""
+        configuration = self._configuration()
+        configuration.api_key = {"authorization": token}
+        configuration.api_key_prefix = {"authorization": "Bearer"}
+        return k8s.ApiClient(configuration)
+
+    def service_account_token(
+        self,
+        name: str,
+        namespace: str = "default",
+        *,
+        expiration_seconds: int = 3600,
+        audiences: Sequence[str] = (SERVICE_ACCOUNT_ISSUER,),
+    ) -> str:
+        """A token for an existing ServiceAccount, issued by the TokenRequest API."""
+        request = k8s.AuthenticationV1TokenRequest(
+            spec=k8s.V1TokenRequestSpec(audiences=list(audiences), expiration_seconds=expiration_seconds)
+        )
+        with self.admin_api_client() as api:
+            response = k8s.CoreV1Api(api).create_namespaced_service_account_token(name, namespace, request)
+        if response.status is None or not response.status.token:
+            raise ControlPlaneError(f"TokenRequest for {namespace}/{name} returned no token")
+        return str(response.status.token)
+
+    def install_crds(self, *sources: CrdSource, timeout: float = 60.0) -> list[str]:
+        """Create or replace CustomResourceDefinitions and wait until they are established.
+
+        ``sources`` are manifests or YAML files (several documents allowed) or directories
+        of ``*.yaml``/``*.yml`` files. Returns the CRD names (see :func:`.crds.install_crds`)."""
+        with self.admin_api_client() as api:
+            return install_crds(api, *sources, timeout=timeout, processes=self._processes)
+
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the kubectl of the same version against this control plane."""
+        binaries = self._binaries or find_binaries(build=False)
+        return subprocess.run(
+            [str(binaries.kubectl), f"--kubeconfig={self.kubeconfig_path}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
