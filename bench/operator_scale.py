@@ -52,8 +52,8 @@ from urllib3.exceptions import ProtocolError
 
 from kubetune import api
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import free_port, install_crd
-from kubetune.testing.controlplane import ControlPlane
+from kubetune.operator.testing import install_crd
+from kubetune.testing.controlplane import ControlPlane, free_port
 
 HERE = Path(__file__).resolve().parent
 Counts = dict[tuple[str, str], float]

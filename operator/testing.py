@@ -8,18 +8,16 @@ would, so the real Job controller reacts to it (no kubelet runs in the test cont
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
 from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
 
 from kubetune import crd
+from kubetune.testing.controlplane import free_port, install_crds, wait_until
 
 from . import main, planning
 from .kube import Kube
@@ -28,45 +26,14 @@ from .metrics import Metrics
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_for(fetch: Callable[[], T | None], *, timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll ``fetch`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
+    """Poll ``fetch`` every 0.1 s until it returns something truthy, and return that."""
+    return wait_until(fetch, timeout=timeout, interval=0.1, what=what)
 
 
 def install_crd(client: ApiClient, timeout: float = 30.0, body: dict[str, Any] | None = None) -> None:
     """Create or update the FineTuneJob CRD (by default the generated one) and wait until it is served."""
-    kube = Kube(client)
-    body = body or crd.custom_resource_definition()
-    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-    name = body["metadata"]["name"]
-    try:
-        kube.request("POST", path, body=body)
-    except ApiException as error:
-        if error.status != 409:
-            raise
-        current = kube.request("GET", f"{path}/{name}")
-        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        kube.request("PUT", f"{path}/{name}", body=body)
-
-    def established() -> bool:
-        conditions = kube.request("GET", f"{path}/{name}").get("status", {}).get("conditions") or []
-        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
-
-    wait_for(established, timeout=timeout, what=f"CRD {name} to be established")
+    install_crds(client, body or crd.custom_resource_definition(), timeout=timeout)
 
 
 def quick_settings() -> Any:

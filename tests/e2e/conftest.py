@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from kubernetes import config as k8s_config
 from kubetune import api
 from kubetune.operator.kube import Kube
 from kubetune.testing import node
-from kubetune.testing.controlplane import find_binaries
+from kubetune.testing.controlplane import find_binaries, wait_until
 from kubetune.testing.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,14 +32,7 @@ T = TypeVar("T")
 
 
 def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(check, timeout=timeout, what=what, interval=interval)
 
 
 @dataclass(frozen=True)

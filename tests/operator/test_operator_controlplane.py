@@ -31,14 +31,13 @@ from kubetune.operator.metrics import Metrics
 from kubetune.operator.reconcile import Reconciler
 from kubetune.operator.testing import (
     OperatorRunner,
-    free_port,
     install_crd,
     set_pod_finished,
     set_pod_running,
     set_pod_waiting,
     wait_for,
 )
-from kubetune.testing.controlplane import ControlPlane
+from kubetune.testing.controlplane import ControlPlane, free_port
 
 pytestmark = pytest.mark.controlplane
 
