@@ -113,7 +113,7 @@ tags: [kubetune, {spec.method}]
 
 ## Data
 
-Training data `{spec.dataset.train}` ({ctx.data.format.value}, template {ctx.data.template});
+Training data `{spec.dataset.train}` ({ctx.data.format}, template {ctx.data.template});
 validation: {ctx.data.report.split}.
 
 ```

@@ -1,26 +1,31 @@
 """Data preparation: dataset rows to token ids and labels, exactly, with every count reported.
 
 The trainer calls :func:`prepare`; ``kubetune data inspect`` shows the same pipeline. Pieces:
-:func:`load_rows` (sources and file types), :func:`detect_format` and :func:`parse_rows`
-(formats), :func:`resolve_template` and :func:`to_segments` (templates), :func:`tokenize_example`
-(ids and labels), :func:`pack`, :class:`PaddingCollator` and :class:`PackedCollator` (batches).
-Bad data raises :class:`DataError` naming the file and line.
+:func:`load_rows` (sources and file types), :func:`detect_format` and :func:`parse_rows` (the
+formats, one file each under ``formats/``, found by :func:`register`), :func:`resolve_template` and
+:func:`to_segments` (templates), :func:`tokenize_example` (ids and labels), :func:`pack`,
+:class:`PaddingCollator` and :class:`PackedCollator` (batches). Bad data raises :class:`DataError`
+naming the file and line.
 """
 
 from kubetune.trainer.data.errors import DataError
 from kubetune.trainer.data.formats import (
-    Chat,
-    Instruction,
     Message,
-    PromptCompletion,
     Record,
     Sample,
-    Text,
+    Segment,
     detect_format,
+    get_format,
     parse_format,
     parse_row,
     parse_rows,
+    register,
+    unregister,
 )
+from kubetune.trainer.data.formats.chat import Chat
+from kubetune.trainer.data.formats.instruction import Instruction
+from kubetune.trainer.data.formats.prompt_completion import PromptCompletion
+from kubetune.trainer.data.formats.text import Text
 from kubetune.trainer.data.packing import (
     PackedCollator,
     PackedRow,
@@ -41,7 +46,6 @@ from kubetune.trainer.data.prepare import (
 from kubetune.trainer.data.sources import Row, Rows, load_rows
 from kubetune.trainer.data.templates import (
     EvalPair,
-    Segment,
     Template,
     eval_pair,
     resolve_template,
@@ -84,6 +88,7 @@ __all__ = [
     "encode_prompt",
     "encode_segments",
     "eval_pair",
+    "get_format",
     "load_rows",
     "pack",
     "pack_one",
@@ -92,9 +97,11 @@ __all__ = [
     "parse_row",
     "parse_rows",
     "prepare",
+    "register",
     "resolve_template",
     "split_records",
     "to_segments",
     "tokenize_example",
     "truncate",
+    "unregister",
 ]

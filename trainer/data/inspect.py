@@ -13,12 +13,11 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from kubetune import api
 from kubetune.trainer.data.errors import DataError
-from kubetune.trainer.data.formats import detect_format, parse_format, parse_rows, row_variant
+from kubetune.trainer.data.formats import Segment, detect_format, get_format, parse_format, parse_rows
 from kubetune.trainer.data.prepare import LengthStats, dedupe, render, truncate_split
 from kubetune.trainer.data.sources import load_rows
-from kubetune.trainer.data.templates import Segment, resolve_template
+from kubetune.trainer.data.templates import resolve_template
 from kubetune.trainer.data.tokens import IGNORE_INDEX, Example, encode_segments, truncate
 
 TRAINED_STYLE = "bold green"
@@ -66,15 +65,15 @@ def _inspect(
         # soft_wrap: rich must not insert line breaks into data it shows
         console.print(text if isinstance(text, Text) else Text(text), soft_wrap=True)
 
-    how = "detected" if declared.value == "auto" else "declared"
+    how = "detected" if declared == "auto" else "declared"
     say(f"dataset: {shown}")
-    say(f"format: {fmt.value} ({how}: {row_variant(rows.rows[0])}), template: {template.name}")
+    say(f"format: {fmt} ({how}: {get_format(fmt).variant(rows.rows[0])}), template: {template.name}")
     say(f"rows: {len(rows)}, duplicates removed: {duplicates}, distinct: {len(records)}")
 
     encoded: list[Example] = []
     if tokenizer is not None:
         encoded = encode_segments(rendered, tokenizer)
-        kept, report = truncate_split(encoded, max_seq_length, chunked=fmt == api.DatasetFormat.TEXT)
+        kept, report = truncate_split(encoded, max_seq_length, chunked=get_format(fmt).raw)
         say(f"tokens ({model} tokenizer): {_stats(report.lengths)}")
         if report.chunked:
             say(f"longer than max_seq_length {max_seq_length}: {report.chunked} document(s), split in pieces")

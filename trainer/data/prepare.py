@@ -10,13 +10,20 @@ from typing import Any
 
 from kubetune import api
 from kubetune.trainer.data.errors import DataError
-from kubetune.trainer.data.formats import Record, detect_format, parse_rows, row_variant
+from kubetune.trainer.data.formats import (
+    AUTO,
+    Record,
+    Segment,
+    detect_format,
+    get_format,
+    parse_format,
+    parse_rows,
+)
 from kubetune.trainer.data.packing import PackedRow, pack, packing_efficiency
 from kubetune.trainer.data.sources import Rows, load_rows
 from kubetune.trainer.data.templates import (
     ChatTemplate,
     EvalPair,
-    Segment,
     Template,
     eval_pair,
     resolve_template,
@@ -110,7 +117,7 @@ class PreparedData:
     train: list[Example]
     validation: list[Example]
     eval_pairs: list[EvalPair]  # from the validation rows; empty for text
-    format: api.DatasetFormat
+    format: str  # a registered format's name (the built-ins: api.DatasetFormat)
     template: str
     report: DataReport
     train_packed: list[PackedRow] | None = None  # when training.packing
@@ -205,7 +212,7 @@ def prepare(
 ) -> PreparedData:
     """Load, check, dedupe, split, render and tokenize; raises DataError naming file and line."""
     train_rows = load_rows(train_path)
-    declared = api.DatasetFormat(dataset.format)
+    declared = parse_format(dataset.format)
     fmt = detect_format(train_rows, declared)
     train_records, duplicates = dedupe(parse_rows(train_rows, fmt))
 
@@ -230,7 +237,7 @@ def prepare(
     max_len = training.max_seq_length
     options: dict[str, Any] = {
         "train_on_inputs": dataset.train_on_inputs,
-        "chunked": fmt == api.DatasetFormat.TEXT,  # continued pretraining keeps every token
+        "chunked": get_format(fmt).raw,  # continued pretraining keeps every token
     }
     train, train_report = tokenize_split(render(train_records, template), tokenizer, max_len, **options)
     validation, val_report = tokenize_split(render(val_records, template), tokenizer, max_len, **options)
@@ -243,9 +250,9 @@ def prepare(
     pairs = [p for r in val_records if (p := eval_pair(r.sample, template)) is not None]
     packed = pack(train, max_len) if training.packing else None
     report = DataReport(
-        format=fmt.value,
-        detected=declared == api.DatasetFormat.AUTO,
-        variant=row_variant(train_rows.rows[0]),
+        format=fmt,
+        detected=declared == AUTO,
+        variant=get_format(fmt).variant(train_rows.rows[0]),
         template=template.name,
         train_rows=len(train_rows),
         validation_rows=len(val_rows) if val_rows is not None else 0,
@@ -263,11 +270,9 @@ def prepare(
     return PreparedData(train, validation, pairs, fmt, template.name, report, packed, chat_template)
 
 
-def _same_format(rows: Rows, fmt: api.DatasetFormat, declared: api.DatasetFormat) -> None:
-    if declared != api.DatasetFormat.AUTO:
+def _same_format(rows: Rows, fmt: str, declared: str) -> None:
+    if declared != AUTO:
         return
     found = detect_format(rows)
     if found != fmt:
-        raise rows.error(
-            rows.lines[0], f"format {found.value} differs from the training data's format {fmt.value}"
-        )
+        raise rows.error(rows.lines[0], f"format {found} differs from the training data's format {fmt}")

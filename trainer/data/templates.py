@@ -1,7 +1,7 @@
 """Templates: a sample becomes text segments, each trained (carries loss) or not.
 
-``auto`` uses the model's own chat template when its tokenizer has one, else a fallback per
-format: ChatML for chat, Alpaca for instruction. ChatML needs its ``<|im_start|>``/``<|im_end|>``
+``auto`` uses the model's own chat template when its tokenizer has one, else the format's
+``fallback``: ChatML for chat, Alpaca for instruction. ChatML needs its ``<|im_start|>``/``<|im_end|>``
 markers to be special tokens of the tokenizer; where they are not (Llama-2 and Mistral base
 tokenizers), written as text they would be learnt and generated as text, and generation would
 not stop at them. There the fallback is ``chatml-eos``: a role line opens each turn and the
@@ -25,12 +25,11 @@ prefix of the longer rendering cannot be split exactly; such a row is refused.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from kubetune import api
 from kubetune.trainer.data.errors import DataError
-from kubetune.trainer.data.formats import Chat, Instruction, Message, PromptCompletion, Sample, Text
+from kubetune.trainer.data.formats import Message, Sample, Segment, get_format
+from kubetune.trainer.data.formats.instruction import Instruction
 
 TemplateName = Literal["auto", "model", "chatml", "alpaca", "none"]
 
@@ -42,12 +41,6 @@ ALPACA_PREAMBLE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
 )
-
-
-@dataclass(frozen=True)
-class Segment:
-    text: str
-    trained: bool
 
 
 class EvalPair(NamedTuple):
@@ -64,32 +57,23 @@ class Template:
     name: str = ""
 
     def render(self, sample: Sample) -> list[Segment]:
-        if isinstance(sample, Text):
-            return [Segment(sample.text, True)]
+        if sample.raw:
+            return sample.as_written()
         # An empty completion stays: its EOS is still trained.
         return [s for s in self._render(sample) if s.text or s.trained]
 
-    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
+    def _render(self, sample: Sample) -> list[Segment]:
         raise NotImplementedError
 
 
 class NoTemplate(Template):
-    """The fields as written: prompt + completion; instruction, input and turns one per line."""
+    """The fields as written (``Sample.as_written``): prompt + completion; instruction, input and
+    turns one per line."""
 
     name = "none"
 
-    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
-        if isinstance(sample, PromptCompletion):
-            return [Segment(sample.prompt, False), Segment(sample.completion, True)]
-        if isinstance(sample, Instruction):
-            prompt = sample.instruction + (f"\n{sample.input}" if sample.input else "") + "\n"
-            return [Segment(prompt, False), Segment(sample.output, True)]
-        segments: list[Segment] = []
-        for i, m in enumerate(conversation(sample)):
-            if i:
-                segments.append(Segment("\n", False))
-            segments.append(Segment(m.content, m.role == "assistant"))
-        return segments
+    def _render(self, sample: Sample) -> list[Segment]:
+        return sample.as_written()
 
 
 class AlpacaTemplate(Template):
@@ -97,12 +81,10 @@ class AlpacaTemplate(Template):
 
     name = "alpaca"
 
-    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
+    def _render(self, sample: Sample) -> list[Segment]:
         preamble: str | None = None
-        if isinstance(sample, PromptCompletion):
-            sample = Instruction(sample.prompt, "", sample.completion)
-        elif isinstance(sample, Chat):
-            turns = conversation(sample)
+        if not isinstance(sample, Instruction):
+            turns = sample.conversation()
             if turns[0].role == "system":
                 preamble, turns = turns[0].content + "\n\n", turns[1:]
             if [m.role for m in turns] != ["user", "assistant"]:
@@ -131,8 +113,8 @@ class ChatTemplate(Template):
         self.renderer = renderer
         self.chat_template = chat_template
 
-    def _render(self, sample: PromptCompletion | Instruction | Chat) -> list[Segment]:
-        turns = conversation(sample)
+    def _render(self, sample: Sample) -> list[Segment]:
+        turns = sample.conversation()
         segments: list[Segment] = []
         done = ""
         for i, message in enumerate(turns):
@@ -211,32 +193,28 @@ def model_renderer(tokenizer: Any) -> ChatRenderer:
 NONE = NoTemplate()
 ALPACA = AlpacaTemplate()
 CHATML = ChatTemplate("chatml", render_chatml, CHATML_JINJA)
-FALLBACKS: dict[api.DatasetFormat, Template] = {
-    api.DatasetFormat.CHAT: CHATML,
-    api.DatasetFormat.INSTRUCTION: ALPACA,
-    api.DatasetFormat.PROMPT_COMPLETION: NONE,
-}
 
 
-def resolve_template(name: str, fmt: api.DatasetFormat | str, tokenizer: Any = None) -> Template:
-    """The template for ``fmt``: ``auto`` prefers the model's chat template, else the format's fallback."""
-    fmt = api.DatasetFormat(fmt)
-    if fmt == api.DatasetFormat.TEXT:
+def resolve_template(name: str, fmt: str, tokenizer: Any = None) -> Template:
+    """The template for format ``fmt``: ``auto`` prefers the model's chat template, else the format's
+    fallback. Raw text is never templated."""
+    kind = get_format(fmt)
+    if kind.raw:
         return NONE
     has_own = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if name == "auto":
-        if fmt == api.DatasetFormat.PROMPT_COMPLETION:
-            return NONE
-        if has_own:
+        if kind.model_template and has_own:
             return ChatTemplate("model", model_renderer(tokenizer))
-        return chatml_for(tokenizer) if fmt == api.DatasetFormat.CHAT else FALLBACKS[fmt]
+        name = kind.fallback
     if name == "model":
         if not has_own:
             raise DataError(
                 "template model: the model's tokenizer has no chat template (use chatml or alpaca)"
             )
         return ChatTemplate("model", model_renderer(tokenizer))
-    named: dict[str, Template] = {"chatml": chatml_for(tokenizer), "alpaca": ALPACA, "none": NONE}
+    if name == "chatml":
+        return chatml_for(tokenizer)
+    named: dict[str, Template] = {"alpaca": ALPACA, "none": NONE}
     if name not in named:
         raise DataError(f"unknown template {name!r} (expected auto, model, chatml, alpaca or none)")
     return named[name]
@@ -247,30 +225,9 @@ def to_segments(sample: Sample, template: Template) -> list[Segment]:
     return template.render(sample)
 
 
-def conversation(sample: PromptCompletion | Instruction | Chat) -> list[Message]:
-    """The sample as chat turns, up to its last assistant turn (later turns carry no loss)."""
-    if isinstance(sample, PromptCompletion):
-        return [Message("user", sample.prompt), Message("assistant", sample.completion)]
-    if isinstance(sample, Instruction):
-        user = sample.instruction + (f"\n\n{sample.input}" if sample.input else "")
-        return [Message("user", user), Message("assistant", sample.output)]
-    last = max(i for i, m in enumerate(sample.messages) if m.role == "assistant")
-    return list(sample.messages[: last + 1])
-
-
-def reference(sample: Sample) -> str | None:
-    if isinstance(sample, Text):
-        return None
-    if isinstance(sample, PromptCompletion):
-        return sample.completion
-    if isinstance(sample, Instruction):
-        return sample.output
-    return conversation(sample)[-1].content
-
-
 def eval_pair(sample: Sample, template: Template) -> EvalPair | None:
     """The prompt before the last trained span, and the reference completion; None for text."""
-    ref = reference(sample)
+    ref = sample.reference()
     if ref is None:
         return None
     segments = template.render(sample)

@@ -21,7 +21,7 @@ from itertools import accumulate
 from typing import Any
 
 from kubetune.trainer.data.errors import DataError
-from kubetune.trainer.data.templates import Segment
+from kubetune.trainer.data.formats import Segment
 
 IGNORE_INDEX = -100
 
