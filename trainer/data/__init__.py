@@ -1,11 +1,11 @@
 """Data preparation: dataset rows to token ids and labels, exactly, with every count reported.
 
-The trainer calls :func:`prepare`; ``kubetune data inspect`` shows the same pipeline. Pieces:
-:func:`load_rows` (sources and file types), :func:`detect_format` and :func:`parse_rows` (the
-formats, one file each under ``formats/``, found by :func:`register`), :func:`resolve_template` and
-:func:`to_segments` (templates), :func:`tokenize_example` (ids and labels), :func:`pack`,
-:class:`PaddingCollator` and :class:`PackedCollator` (batches). Bad data raises :class:`DataError`
-naming the file and line.
+The trainer calls :func:`prepare`; ``kubetune data inspect`` runs its two steps, :func:`load` and
+:func:`tokenize`. Pieces: :func:`load_rows` (sources and file types), :func:`detect_format` and
+:func:`parse_rows` (the formats, one file each under ``formats/``, found by :func:`register`),
+:func:`resolve_template` and :func:`to_segments` (templates), :func:`tokenize_example` (ids and
+labels), :func:`pack`, :class:`PaddingCollator` and :class:`PackedCollator` (batches). Bad data
+raises :class:`DataError` naming the file and line.
 """
 
 from kubetune.trainer.data.errors import DataError
@@ -37,11 +37,15 @@ from kubetune.trainer.data.packing import (
 from kubetune.trainer.data.prepare import (
     DataReport,
     LengthStats,
+    Loaded,
     PreparedData,
     SplitReport,
+    Tokenized,
     dedupe,
+    load,
     prepare,
     split_records,
+    tokenize,
 )
 from kubetune.trainer.data.sources import Row, Rows, load_rows
 from kubetune.trainer.data.templates import (
@@ -69,6 +73,7 @@ __all__ = [
     "Example",
     "Instruction",
     "LengthStats",
+    "Loaded",
     "Message",
     "PackedCollator",
     "PackedRow",
@@ -83,12 +88,14 @@ __all__ = [
     "SplitReport",
     "Template",
     "Text",
+    "Tokenized",
     "dedupe",
     "detect_format",
     "encode_prompt",
     "encode_segments",
     "eval_pair",
     "get_format",
+    "load",
     "load_rows",
     "pack",
     "pack_one",
@@ -101,6 +108,7 @@ __all__ = [
     "resolve_template",
     "split_records",
     "to_segments",
+    "tokenize",
     "tokenize_example",
     "truncate",
     "unregister",

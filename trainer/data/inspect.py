@@ -1,4 +1,9 @@
-"""``kubetune data inspect``: a dataset the way the trainer will see it."""
+"""``kubetune data inspect``: a dataset the way the trainer will see it.
+
+It runs the prepare stage's own steps, :func:`~kubetune.trainer.data.prepare.load` and
+:func:`~kubetune.trainer.data.prepare.tokenize` (or, without a tokenizer,
+:func:`~kubetune.trainer.data.prepare.render`), with template ``auto``, and shows what they give.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,10 @@ from rich.console import Console
 from rich.text import Text
 
 from kubetune.trainer.data.errors import DataError
-from kubetune.trainer.data.formats import Segment, detect_format, get_format, parse_format, parse_rows
-from kubetune.trainer.data.prepare import LengthStats, dedupe, render, truncate_split
-from kubetune.trainer.data.sources import load_rows
+from kubetune.trainer.data.formats import Segment
+from kubetune.trainer.data.prepare import LengthStats, load, render, tokenize
 from kubetune.trainer.data.templates import resolve_template
-from kubetune.trainer.data.tokens import IGNORE_INDEX, Example, encode_segments, truncate
+from kubetune.trainer.data.tokens import IGNORE_INDEX, Example, truncate
 
 TRAINED_STYLE = "bold green"
 
@@ -53,27 +57,25 @@ def _download(uri: str, scratch: Path) -> str:
 def _inspect(
     path: str, shown: str, fmt_name: str, n: int, model: str | None, max_seq_length: int, console: Console
 ) -> int:
-    declared = parse_format(fmt_name)
-    rows = load_rows(path)
-    fmt = detect_format(rows, declared)
-    records, duplicates = dedupe(parse_rows(rows, fmt))
+    data = load(path, fmt_name)
     tokenizer = _load_tokenizer(model) if model else None
-    template = resolve_template("auto", fmt, tokenizer)
-    rendered = render(records, template)
+    template = resolve_template("auto", data.format, tokenizer)
 
     def say(text: Text | str) -> None:
         # soft_wrap: rich must not insert line breaks into data it shows
         console.print(text if isinstance(text, Text) else Text(text), soft_wrap=True)
 
-    how = "detected" if declared == "auto" else "declared"
+    how = "detected" if data.detected else "declared"
     say(f"dataset: {shown}")
-    say(f"format: {fmt} ({how}: {get_format(fmt).variant(rows.rows[0])}), template: {template.name}")
-    say(f"rows: {len(rows)}, duplicates removed: {duplicates}, distinct: {len(records)}")
+    say(f"format: {data.format} ({how}: {data.variant}), template: {template.name}")
+    say(f"rows: {len(data.rows)}, duplicates removed: {data.duplicates}, distinct: {len(data.records)}")
 
-    encoded: list[Example] = []
+    plain = console.color_system is None
+    shown_records = data.records[: max(n, 0)]
+    views: list[Text]
     if tokenizer is not None:
-        encoded = encode_segments(rendered, tokenizer)
-        kept, report = truncate_split(encoded, max_seq_length, chunked=get_format(fmt).raw)
+        tokens = tokenize(data.records, template, tokenizer, max_seq_length)
+        report = tokens.report
         say(f"tokens ({model} tokenizer): {_stats(report.lengths)}")
         if report.chunked:
             say(f"longer than max_seq_length {max_seq_length}: {report.chunked} document(s), split in pieces")
@@ -82,19 +84,18 @@ def _inspect(
                 f"longer than max_seq_length {max_seq_length}: {report.truncated + report.dropped} row(s), "
                 f"{report.truncated} truncated, {report.dropped} dropped (no trained token left)"
             )
-        say(f"trained tokens: {report.trained_tokens} in {len(kept)} example(s)")
+        say(f"trained tokens: {report.trained_tokens} in {len(tokens.examples)} example(s)")
+        views = [_token_view(e, tokenizer, max_seq_length, plain) for e in tokens.full[: len(shown_records)]]
     else:
+        rendered = render(data.records, template)
         words = [len("".join(s.text for s in segments).split()) for segments in rendered]
         say(f"whitespace words (no --model, so not tokens): {_stats(LengthStats.of(words))}")
+        views = [_segment_view(segments, plain) for segments in rendered[: len(shown_records)]]
 
-    plain = console.color_system is None
     say(Text(f"examples: trained spans (carry loss) in {'[[...]]' if plain else 'green'}", style="dim"))
-    for i, record in enumerate(records[: max(n, 0)]):
-        console.rule(Text(f"example {i + 1} ({rows.source}:{record.line})"), align="left")
-        if tokenizer is not None:
-            say(_token_view(encoded[i], tokenizer, max_seq_length, plain))
-        else:
-            say(_segment_view(rendered[i], plain))
+    for i, (record, view) in enumerate(zip(shown_records, views, strict=True)):
+        console.rule(Text(f"example {i + 1} ({data.rows.source}:{record.line})"), align="left")
+        say(view)
     return 0
 
 

@@ -1,4 +1,8 @@
-"""The prepare stage: files to tokenized train/validation examples and a report of every count."""
+"""The prepare stage: files to tokenized train/validation examples and a report of every count.
+
+Two steps, which ``kubetune data inspect`` runs too: :func:`load` (read a file, detect and check its
+format, drop duplicates) and :func:`tokenize` (render with a template, tokenize, truncate, count).
+"""
 
 from __future__ import annotations
 
@@ -149,7 +153,38 @@ def split_records(records: Sequence[Record], fraction: float, seed: int) -> tupl
     return train, [r for i, r in enumerate(records) if i in held]
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """One file's rows, their format, and the rows checked and without duplicates."""
+
+    rows: Rows
+    format: str
+    detected: bool  # the format was auto, not declared
+    records: list[Record]
+    duplicates: int  # rows dropped as exact duplicates of an earlier row
+
+    @property
+    def variant(self) -> str:
+        """The dialect of the format the file is written in (of its first row), for reports."""
+        return get_format(self.format).variant(self.rows.rows[0])
+
+
+def load(path: str | Path, declared: str = AUTO, *, like: str | None = None) -> Loaded:
+    """Read a file, detect (or check) its format, check every row and drop duplicates.
+
+    ``like`` is the training data's format, which a validation file's rows must have too.
+    """
+    declared = parse_format(declared)
+    rows = load_rows(path)
+    fmt = detect_format(rows, declared)
+    if like is not None and fmt != like:
+        raise rows.error(rows.lines[0], f"format {fmt} differs from the training data's format {like}")
+    records, duplicates = dedupe(parse_rows(rows, fmt))
+    return Loaded(rows, fmt, declared == AUTO, records, duplicates)
+
+
 def render(records: Sequence[Record], template: Template) -> list[list[Segment]]:
+    """Each record through the template; a row the template refuses raises with its line."""
     out = []
     for record in records:
         try:
@@ -159,16 +194,32 @@ def render(records: Sequence[Record], template: Template) -> list[list[Segment]]
     return out
 
 
-def tokenize_split(
-    segments: Sequence[Sequence[Segment]],
+@dataclass(frozen=True)
+class Tokenized:
+    """Records rendered and tokenized: ``full`` one untruncated example per record, ``examples``
+    those trained on (truncated, or split into pieces for raw text; without a trained token, dropped)."""
+
+    segments: list[list[Segment]]
+    full: list[Example]
+    examples: list[Example]
+    report: SplitReport
+
+
+def tokenize(
+    records: Sequence[Record],
+    template: Template,
     tokenizer: Any,
     max_seq_length: int,
     *,
-    train_on_inputs: bool,
-    chunked: bool = False,
-) -> tuple[list[Example], SplitReport]:
+    train_on_inputs: bool = False,
+) -> Tokenized:
+    """Render, tokenize and truncate, counting every example; raw text (continued pretraining) keeps
+    every token: a long document is split into pieces instead."""
+    segments = render(records, template)
     full = encode_segments(segments, tokenizer, train_on_inputs=train_on_inputs)
-    return truncate_split(full, max_seq_length, chunked=chunked)
+    chunked = any(record.sample.raw for record in records)
+    examples, report = truncate_split(full, max_seq_length, chunked=chunked)
+    return Tokenized(segments, full, examples, report)
 
 
 def truncate_split(
@@ -211,22 +262,18 @@ def prepare(
     validation_path: str | Path | None = None,
 ) -> PreparedData:
     """Load, check, dedupe, split, render and tokenize; raises DataError naming file and line."""
-    train_rows = load_rows(train_path)
-    declared = parse_format(dataset.format)
-    fmt = detect_format(train_rows, declared)
-    train_records, duplicates = dedupe(parse_rows(train_rows, fmt))
+    train_data = load(train_path, dataset.format)
+    fmt, train_records = train_data.format, train_data.records
 
-    val_rows: Rows | None = None
+    val_data: Loaded | None = None
     val_records: list[Record] = []
-    val_duplicates = overlap = 0
+    overlap = 0
     if validation_path is not None:
-        val_rows = load_rows(validation_path)
-        _same_format(val_rows, fmt, declared)
-        val_records, val_duplicates = dedupe(parse_rows(val_rows, fmt))
+        val_data = load(validation_path, dataset.format, like=fmt)
         in_train = {r.sample for r in train_records}
-        kept = [r for r in val_records if r.sample not in in_train]
-        overlap, val_records = len(val_records) - len(kept), kept
-        split = f"validation file {val_rows.source}"
+        val_records = [r for r in val_data.records if r.sample not in in_train]
+        overlap = len(val_data.records) - len(val_records)
+        split = f"validation file {val_data.rows.source}"
     elif dataset.validation_split is not None:
         train_records, val_records = split_records(train_records, dataset.validation_split, seed)
         split = f"validation_split {dataset.validation_split}, seed {seed}"
@@ -235,44 +282,35 @@ def prepare(
 
     template = resolve_template(dataset.template, fmt, tokenizer)
     max_len = training.max_seq_length
-    options: dict[str, Any] = {
-        "train_on_inputs": dataset.train_on_inputs,
-        "chunked": get_format(fmt).raw,  # continued pretraining keeps every token
-    }
-    train, train_report = tokenize_split(render(train_records, template), tokenizer, max_len, **options)
-    validation, val_report = tokenize_split(render(val_records, template), tokenizer, max_len, **options)
-    if not train:
+    on_inputs = dataset.train_on_inputs
+    train = tokenize(train_records, template, tokenizer, max_len, train_on_inputs=on_inputs)
+    validation = tokenize(val_records, template, tokenizer, max_len, train_on_inputs=on_inputs)
+    if not train.examples:
         raise DataError(
-            f"no training example left: all {train_report.dropped} lost every trained token to "
+            f"no training example left: all {train.report.dropped} lost every trained token to "
             f"truncation at max_seq_length {max_len}",
-            source=train_rows.source,
+            source=train_data.rows.source,
         )
     pairs = [p for r in val_records if (p := eval_pair(r.sample, template)) is not None]
-    packed = pack(train, max_len) if training.packing else None
+    packed = pack(train.examples, max_len) if training.packing else None
     report = DataReport(
         format=fmt,
-        detected=declared == AUTO,
-        variant=get_format(fmt).variant(train_rows.rows[0]),
+        detected=train_data.detected,
+        variant=train_data.variant,
         template=template.name,
-        train_rows=len(train_rows),
-        validation_rows=len(val_rows) if val_rows is not None else 0,
-        duplicates_removed=duplicates,
-        validation_duplicates_removed=val_duplicates,
+        train_rows=len(train_data.rows),
+        validation_rows=len(val_data.rows) if val_data is not None else 0,
+        duplicates_removed=train_data.duplicates,
+        validation_duplicates_removed=val_data.duplicates if val_data is not None else 0,
         validation_overlap_removed=overlap,
         split=split,
         max_seq_length=max_len,
-        train=train_report,
-        validation=val_report,
+        train=train.report,
+        validation=validation.report,
         packed_rows=len(packed) if packed is not None else None,
         packing_efficiency=packing_efficiency(packed, max_len) if packed is not None else None,
     )
     chat_template = template.chat_template if isinstance(template, ChatTemplate) else None
-    return PreparedData(train, validation, pairs, fmt, template.name, report, packed, chat_template)
-
-
-def _same_format(rows: Rows, fmt: str, declared: str) -> None:
-    if declared != AUTO:
-        return
-    found = detect_format(rows)
-    if found != fmt:
-        raise rows.error(rows.lines[0], f"format {found} differs from the training data's format {fmt}")
+    return PreparedData(
+        train.examples, validation.examples, pairs, fmt, template.name, report, packed, chat_template
+    )
