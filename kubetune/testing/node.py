@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import ipaddress
 import json
 import os
@@ -49,18 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client as k8s
 
 from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, assets_cache_dir, free_port
 from kubetune.testing.controlplane.pki import (
     CertificateAuthority,
-    Credential,
-    _pem_key,
-    _write,
     write_kubeconfig,
 )
 from kubetune.testing.controlplane.processes import Process, serve_until_signal, wait_until
@@ -163,52 +155,6 @@ def _run(*argv: str, check: bool = True, timeout: float = 120.0) -> subprocess.C
 
 def _log(message: str) -> None:
     print(f"e2e-node: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------- certificates
-
-
-def _issue(
-    ca_cert: Path, ca_key: Path, stem: Path, common_name: str, organization: str, *, server_ip: str = ""
-) -> Credential:
-    """A client (or, with ``server_ip``, serving) certificate signed by an existing CA."""
-    authority = x509.load_pem_x509_certificate(ca_cert.read_bytes())
-    authority_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
-    if not isinstance(authority_key, ec.EllipticCurvePrivateKey):
-        raise NodeError(f"{ca_key}: expected an EC key")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_ip else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                ]
-            )
-        )
-        .issuer_name(authority.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    )
-    if server_ip:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(server_ip)), x509.DNSName(NODE_NAME)]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(authority_key, hashes.SHA256())
-    return Credential(
-        cert=_write(stem.with_suffix(".crt"), cert.public_bytes(serialization.Encoding.PEM)),
-        key=_write(stem.with_suffix(".key"), _pem_key(key), 0o600),
-    )
 
 
 # -------------------------------------------------------------------------- network
@@ -460,11 +406,12 @@ class Node:
         pki.mkdir()
 
         # The API server's identity towards the kubelet, from a CA that only the kubelet trusts.
-        kubelet_client_ca = CertificateAuthority(pki, "kubelet-client-ca", "kubetune-e2e-kubelet-client-ca")
+        kubelet_client_ca = CertificateAuthority.create(
+            pki, "kubelet-client-ca", "kubetune-e2e-kubelet-client-ca"
+        )
         apiserver_client = kubelet_client_ca.issue(
-            "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
-            organizations=("system:masters",), client=True,
-        )  # fmt: skip
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", organization="system:masters"
+        )
         forward_port = free_port()
         _add_network(layout, forward_port)
 
@@ -507,18 +454,13 @@ class Node:
         )
         import_images(layout, self.images)
 
-        ca = plane.work_dir / "pki" / "ca"
-        node = _issue(
-            ca.with_suffix(".crt"),
-            ca.with_suffix(".key"),
-            pki / "kubelet",
-            f"system:node:{NODE_NAME}",
-            "system:nodes",
+        cluster_ca = CertificateAuthority.load(plane.work_dir / "pki", "ca")
+        node = cluster_ca.issue(
+            "kubelet", f"system:node:{NODE_NAME}", organization="system:nodes", directory=pki
         )
-        _issue(
-            kubelet_client_ca.credential.cert, pki / "kubelet-client-ca.key", pki / "kubelet-serving",
-            NODE_NAME, "system:nodes", server_ip=GATEWAY,
-        )  # fmt: skip
+        kubelet_client_ca.issue(
+            "kubelet-serving", NODE_NAME, organization="system:nodes", hosts=(GATEWAY, NODE_NAME)
+        )
         kubeconfig = layout.dir / "kubelet.kubeconfig"
         write_kubeconfig(kubeconfig, plane.server, plane.ca_cert_path, f"system:node:{NODE_NAME}", node)
         kubelet_config = layout.dir / "kubelet.yaml"

@@ -124,20 +124,21 @@ class ControlPlane:
 
         pki = ClusterPki(work_dir / "pki")
         self._pki = pki
-        serving = pki.issue(
+        serving = pki.cluster.issue(
             "serving",
             "kube-apiserver",
-            server=True,
-            dns_names=(
+            hosts=(
                 "localhost",
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
+                "127.0.0.1",
+                "::1",
+                "10.0.0.1",
             ),
-            ip_addresses=("127.0.0.1", "::1", "10.0.0.1"),
         )
-        self._admin = pki.issue("admin", ADMIN_USER, organizations=("system:masters",), client=True)
+        self._admin = pki.cluster.issue("admin", ADMIN_USER, organization="system:masters")
 
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -190,7 +191,7 @@ class ControlPlane:
         pki, work_dir = self._pki, self.work_dir
         # The identity the bootstrap RBAC policy grants to the controller manager; each
         # controller then acts as its own service account, as in kubeadm clusters.
-        credential = pki.issue("kube-controller-manager", "system:kube-controller-manager", client=True)
+        credential = pki.cluster.issue("kube-controller-manager", "system:kube-controller-manager")
         kubeconfig = work_dir / "kube-controller-manager.kubeconfig"
         write_kubeconfig(kubeconfig, self._server, pki.ca.cert, "system:kube-controller-manager", credential)
         port = free_port()
@@ -235,7 +236,7 @@ class ControlPlane:
     def _start_fake_nodes(self, binaries: FakeNodeBinaries, serving: Credential) -> None:
         assert self._pki is not None and self._server is not None
         pki, work_dir = self._pki, self.work_dir
-        scheduler_credential = pki.issue("kube-scheduler", "system:kube-scheduler", client=True)
+        scheduler_credential = pki.cluster.issue("kube-scheduler", "system:kube-scheduler")
         scheduler_kubeconfig = work_dir / "kube-scheduler.kubeconfig"
         write_kubeconfig(
             scheduler_kubeconfig, self._server, pki.ca.cert, "system:kube-scheduler", scheduler_credential
@@ -249,7 +250,7 @@ class ControlPlane:
         )
         # kwok stands in for the kubelets of every fake node, so it gets the node and pod
         # status rights of many kubelets at once: simplest as an admin.
-        kwok_credential = pki.issue("kwok", "kwok", organizations=("system:masters",), client=True)
+        kwok_credential = pki.cluster.issue("kwok", "kwok", organization="system:masters")
         kwok_kubeconfig = work_dir / "kwok.kubeconfig"
         write_kubeconfig(kwok_kubeconfig, self._server, pki.ca.cert, "kwok", kwok_credential)
         kwok_port = free_port()
