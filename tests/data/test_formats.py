@@ -54,14 +54,11 @@ class QuestionAnswer(Sample):
     """A format of this test's own: ``{"question", "answer"}`` rows."""
 
     name = "question-answer"
+    keys = ("question", "answer")
     shapes = ("question+answer",)
 
     question: str
     answer: str
-
-    @classmethod
-    def detect(cls, row: dict[str, Any]) -> bool:
-        return "question" in row or "answer" in row
 
     @classmethod
     def parse(cls, row: dict[str, Any]) -> Self:

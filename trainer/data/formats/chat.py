@@ -42,14 +42,11 @@ class Chat(Sample):
     """
 
     name = "chat"
+    keys = ("messages", "conversations")
     shapes = ("messages (OpenAI)", "conversations (ShareGPT)")
     priority = 30
 
     messages: tuple[Message, ...]
-
-    @classmethod
-    def detect(cls, row: Row) -> bool:
-        return "messages" in row or "conversations" in row
 
     @classmethod
     def variant(cls, row: Row) -> str:

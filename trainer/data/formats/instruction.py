@@ -33,6 +33,7 @@ class Instruction(Sample):
     """
 
     name = "instruction"
+    keys = ("instruction",)
     shapes = ("instruction+output (Alpaca)", "instruction+response (Dolly)")
     priority = 20
     fallback = "alpaca"
@@ -40,10 +41,6 @@ class Instruction(Sample):
     instruction: str
     input: str
     output: str
-
-    @classmethod
-    def detect(cls, row: Row) -> bool:
-        return "instruction" in row
 
     @classmethod
     def variant(cls, row: Row) -> str:

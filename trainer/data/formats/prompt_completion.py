@@ -31,6 +31,7 @@ class PromptCompletion(Sample):
     """
 
     name = "prompt-completion"
+    keys = ("prompt", "completion")
     shapes = ("prompt+completion",)
     priority = 10
     fallback = "none"
@@ -38,10 +39,6 @@ class PromptCompletion(Sample):
 
     prompt: str
     completion: str
-
-    @classmethod
-    def detect(cls, row: Row) -> bool:
-        return "prompt" in row or "completion" in row
 
     @classmethod
     def variant(cls, row: Row) -> str:

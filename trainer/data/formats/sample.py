@@ -40,6 +40,7 @@ class Sample:
     Class attributes of a format:
 
     - ``name``: its ``dataset.format`` value;
+    - ``keys``: a row with any of these keys looks like this format (or override :meth:`detect`);
     - ``shapes``: the row shapes it reads, for the message about a row no format reads;
     - ``priority``: formats are tried on a row highest first (a row with ``messages`` and ``text``
       is a chat);
@@ -50,6 +51,7 @@ class Sample:
     """
 
     name: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]] = ()
     shapes: ClassVar[tuple[str, ...]]
     priority: ClassVar[int] = 0
     fallback: ClassVar[Fallback] = "chatml"
@@ -59,7 +61,7 @@ class Sample:
     @classmethod
     def detect(cls, row: Row) -> bool:
         """Whether a row looks like this format by its keys (its values are checked by :meth:`parse`)."""
-        raise NotImplementedError
+        return any(key in row for key in cls.keys)
 
     @classmethod
     def variant(cls, row: Row) -> str:

@@ -27,16 +27,13 @@ class Text(Sample):
     """
 
     name = "text"
+    keys = ("text",)
     shapes = ("text",)
     fallback = "none"
     model_template = False
     raw = True
 
     text: str
-
-    @classmethod
-    def detect(cls, row: Row) -> bool:
-        return "text" in row
 
     @classmethod
     def parse(cls, row: Row) -> Self:
