@@ -2,13 +2,8 @@
 kube-controller-manager, plus kube-scheduler and kwok for fake nodes, started from local
 binaries the way envtest does it.
 
-Binaries are looked up per name in this order:
-
-1. ``TEST_ASSET_ETCD``, ``TEST_ASSET_KUBE_APISERVER``, ``TEST_ASSET_KUBE_CONTROLLER_MANAGER``,
-   ``TEST_ASSET_KUBECTL``, ``TEST_ASSET_KUBE_SCHEDULER``, ``TEST_ASSET_KWOK``;
-2. ``$KUBEBUILDER_ASSETS/<name>``;
-3. the project cache ``${XDG_CACHE_HOME:-~/.cache}/kubetune/assets/<version>/<name>``;
-4. otherwise ``hack/build-test-assets`` builds them into that cache.
+Binaries come from ``TEST_ASSET_*`` variables, ``$KUBEBUILDER_ASSETS``, the project cache, or
+``hack/build-test-assets`` (see :mod:`.assets`).
 
 Command line (used by ``hack/dev-cluster``)::
 

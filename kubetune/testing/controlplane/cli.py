@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kubetune.testing import controlplane as package
 
+from . import assets
 from .assets import find_binaries, find_fake_node_binaries
 from .components import FakeNode
 from .errors import ControlPlaneError
@@ -41,12 +42,12 @@ def _serve(work_dir: Path, controller_manager: bool, crds: Sequence[Path], fake_
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune.testing.controlplane",
-        description=package.__doc__,
+        description=f"{package.__doc__}\n{assets.__doc__}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    assets = commands.add_parser("assets", help="print where the binaries are, building them if missing")
-    assets.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
+    locate = commands.add_parser("assets", help="print where the binaries are, building them if missing")
+    locate.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
     serve = commands.add_parser("serve", help="run a control plane in the foreground until SIGTERM or Ctrl-C")
     serve.add_argument(
         "--dir", type=Path, required=True, help="work directory (kubeconfig, logs, certificates)"
