@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from kubetune.contract import CHECKPOINTS, MANIFEST, METRICS
 from kubetune.storage import (
     ObjectInfo,
     ObjectStore,
@@ -53,9 +54,6 @@ __all__ = [
     "pull",
 ]
 
-MANIFEST = "manifest.json"
-METRICS = "metrics.json"
-CHECKPOINTS = "checkpoints"
 RunStatus = Literal["complete", "incomplete", "damaged"]
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.trainer import modeling
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data.templates import ALPACA_PREAMBLE
@@ -78,8 +78,8 @@ class GGUF:
     def export(self, ctx: RunContext, name: api.ExportFormat, merged: Path, target: Path) -> dict[str, float]:
         ftype, tolerance = FORMATS[name]
         target.mkdir(parents=True, exist_ok=True)
-        final = target / "model.gguf"
-        partial = target / ".model.gguf.partial"
+        final = target / contract.GGUF_MODEL
+        partial = target / f".{contract.GGUF_MODEL}.partial"
         partial.unlink(missing_ok=True)
         f16 = f16_file(ctx, merged)
         if name == api.ExportFormat.GGUF_F16:
