@@ -488,8 +488,8 @@ def modelfile(ctx: RunContext) -> str:
     assert ctx.data is not None
     template, stops = ollama_template(ctx.data.template, ctx.tokenizer)
     lines = [
-        "# ollama create <name> -f Modelfile (in this folder); or: llama-cli -m model.gguf",
-        "FROM ./model.gguf",
+        f"# ollama create <name> -f Modelfile (in this folder); or: llama-cli -m {contract.GGUF_MODEL}",
+        f"FROM ./{contract.GGUF_MODEL}",
     ]
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
