@@ -197,6 +197,14 @@ def test_crd_schema_is_structural() -> None:
     assert free_form == [".spec.scheduling.affinity"]
 
 
+def test_every_crd_property_has_a_description_for_kubectl_explain() -> None:
+    schema = crd.custom_resource_definition()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    properties = [(p, n) for p, n in walk(schema) if p and not p.endswith(("[]", "{}"))]
+    assert len(properties) > 100
+    undescribed = next((p for p, n in properties if not str(n.get("description", "")).strip()), None)
+    assert undescribed is None, f"{undescribed} has no description: give its field one in kubetune/api/"
+
+
 def test_crd_rules_and_columns() -> None:
     definition = crd.custom_resource_definition()
     version = definition["spec"]["versions"][0]
@@ -212,7 +220,9 @@ def test_crd_rules_and_columns() -> None:
     assert ".spec.scheduling.affinity" not in frozen and ".spec.scheduling.nodeSelector" in frozen
     training = schema["properties"]["spec"]["properties"]["training"]
     assert training["default"] == {}
-    assert training["properties"]["learningRate"] == {
+    learning_rate = training["properties"]["learningRate"]
+    assert learning_rate.pop("description")
+    assert learning_rate == {
         "type": "number",
         "minimum": 0,
         "exclusiveMinimum": True,
