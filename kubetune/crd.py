@@ -169,7 +169,8 @@ def openapi_schema() -> dict[str, Any]:
     conditions = status["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
-    # The API server owns apiVersion, kind and metadata: only their descriptions come from the models.
+    # apiVersion and kind take only their descriptions from the models; metadata may hold nothing
+    # else than name and generateName (the API server explains it from its own ObjectMeta).
     described = {
         (info.alias or name): info.description for name, info in api.FineTuneJob.model_fields.items()
     }
@@ -180,7 +181,7 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": described["apiVersion"]},
             "kind": {"type": "string", "description": described["kind"]},
-            "metadata": {"type": "object", "description": described["metadata"]},
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },
