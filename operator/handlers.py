@@ -1,9 +1,8 @@
 """The kopf handlers: every trigger ends in the same idempotent reconciliation.
 
-FineTuneJob create/resume/update run it inline (kopf retries them and keeps their progress
-in annotations). Changes of the trainer Jobs and pods (watched with a server-side label
-selector) queue it in the background, coalesced per FineTuneJob and retried on errors.
-A FineTuneJob is never reconciled by two tasks at once.
+FineTuneJob create/resume/update and changes of the trainer Jobs and pods (watched with a
+server-side label selector) queue it, coalesced per FineTuneJob; the queue alone retries a
+failed pass, with exponential backoff. A FineTuneJob is never reconciled by two tasks at once.
 """
 
 from __future__ import annotations
@@ -46,10 +45,19 @@ class Controller:
     _dirty: set[Key] = field(default_factory=set)
     _workers: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     _last_jobs: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # resourceVersion of each trainer Job a reconciliation created; only the event loop's thread
+    # touches it (the reconciler's thread reports through call_soon_threadsafe).
+    _created_jobs: dict[Key, str] = field(default_factory=dict)
     reconciliations: int = 0
 
     async def reconcile(self, namespace: str, name: str) -> Result:
-        lock = self._locks.setdefault((namespace, name), asyncio.Lock())
+        key = (namespace, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        loop = asyncio.get_running_loop()
+
+        def job_created(version: str) -> None:
+            loop.call_soon_threadsafe(self._created_jobs.__setitem__, key, version)
+
         async with lock:
             self.reconciliations += 1
             self.metrics.reconcile_total.inc()
@@ -59,7 +67,8 @@ class Controller:
                         self.reconciler.reconcile,
                         namespace,
                         name,
-                        last_seen_job=self._last_jobs.get((namespace, name)),
+                        last_seen_job=self._last_jobs.get(key),
+                        job_created=job_created,
                     )
                 except Exception:
                     self.metrics.reconcile_errors.inc()
@@ -71,7 +80,7 @@ class Controller:
         key = (namespace, name)
         self._last_jobs[key] = copy.deepcopy(dict(job))
         version = (job.get("metadata") or {}).get("resourceVersion")
-        return self.reconciler.created_jobs.pop(key, None) != version
+        return self._created_jobs.pop(key, None) != version
 
     def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
         key = (namespace, name)
@@ -105,7 +114,7 @@ class Controller:
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
         self._last_jobs.pop((namespace, name), None)
-        self.reconciler.created_jobs.pop((namespace, name), None)
+        self._created_jobs.pop((namespace, name), None)
 
     async def close(self) -> None:
         workers = list(self._workers.values())
@@ -164,15 +173,12 @@ def probe(memo: Any, **_: Any) -> float:
     return float(_runtime(memo).controller.reconciliations)
 
 
-@kopf.on.resume(*FINETUNEJOBS, registry=REGISTRY, backoff=RETRY_BACKOFF)
-@kopf.on.create(*FINETUNEJOBS, registry=REGISTRY, backoff=RETRY_BACKOFF)
-@kopf.on.update(*FINETUNEJOBS, field="spec", registry=REGISTRY, backoff=RETRY_BACKOFF)
+@kopf.on.resume(*FINETUNEJOBS, registry=REGISTRY)
+@kopf.on.create(*FINETUNEJOBS, registry=REGISTRY)
+@kopf.on.update(*FINETUNEJOBS, field="spec", registry=REGISTRY)
 async def reconcile_finetunejob(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     assert namespace, "FineTuneJobs are namespaced"
-    controller = _runtime(memo).controller
-    result = await controller.reconcile(namespace, name)
-    if result.requeue_after is not None:
-        controller.kick(namespace, name, delay=result.requeue_after)
+    _runtime(memo).controller.kick(namespace, name)
 
 
 @kopf.on.event(*FINETUNEJOBS, registry=REGISTRY)

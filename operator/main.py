@@ -1,4 +1,4 @@
-"""The operator process: kopf, the metrics endpoint and the health endpoint in one event loop.
+"""The operator process: kopf with its health endpoint, and prometheus-client's metrics endpoint.
 
 Run one replica (the chart uses ``replicas: 1`` and the Recreate strategy): kopf's peering,
 which keeps a second replica idle, is off unless a peering name is given, and then needs
@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import kopf
-from aiohttp import web
 from kubernetes import config as kube_config
 from kubernetes.client import ApiClient, Configuration
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import start_http_server
 
 from kubetune import api
 
@@ -49,10 +48,8 @@ def settings(*, peering: str | None = None, watch_timeout: int = 300) -> kopf.Op
     # Namespaces are given exactly and the CRD is installed first: no cluster-wide list/watch
     # of namespaces and CRDs is needed.
     out.scanning.disabled = True
-    out.posting.reporting_component = planning.MANAGER
-    out.posting.reporting_instance = os.environ.get("HOSTNAME", "kubetune-operator")
-    out.posting.event_name_prefix = "kubetune-"
-    out.posting.level = logging.WARNING
+    # Events are posted by the reconciler alone, in the same pass as the status they explain.
+    out.posting.enabled = False
     out.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     out.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=api.GROUP, key="last-handled-configuration"
@@ -64,23 +61,6 @@ def settings(*, peering: str | None = None, watch_timeout: int = 300) -> kopf.Op
     for selector in (("batch", "v1", "jobs"), ("", "v1", "pods")):
         out.watching.label_selectors[selector] = handlers.MANAGED_SELECTOR
     return out
-
-
-async def _serve_metrics(metrics: Metrics, endpoints: Endpoints) -> None:
-    async def render(_: web.Request) -> web.Response:
-        body = await asyncio.to_thread(metrics.render)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.add_routes([web.get("/metrics", render)])
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, endpoints.host, endpoints.metrics_port).start()
-        logger.info("serving metrics on %s:%d/metrics", endpoints.host, endpoints.metrics_port)
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
 
 
 async def serve(
@@ -101,7 +81,8 @@ async def serve(
     reconciler = Reconciler(Kube(client), config, metrics=metrics)
     controller = handlers.Controller(reconciler, metrics)
     memo = kopf.Memo(kubetune=handlers.Runtime(client.configuration, controller, metrics))
-    metrics_task = asyncio.create_task(_serve_metrics(metrics, endpoints), name="metrics endpoint")
+    metrics_server, _ = start_http_server(endpoints.metrics_port, endpoints.host, registry=metrics.registry)
+    logger.info("serving metrics on %s:%d/metrics", endpoints.host, endpoints.metrics_port)
     try:
         await kopf.operator(
             registry=handlers.REGISTRY,
@@ -115,8 +96,8 @@ async def serve(
         )
     finally:
         await controller.close()
-        metrics_task.cancel()
-        await asyncio.gather(metrics_task, return_exceptions=True)
+        await asyncio.to_thread(metrics_server.shutdown)
+        metrics_server.server_close()
 
 
 def api_client(kubeconfig: str | None = None) -> ApiClient:

@@ -42,15 +42,13 @@ STUCK_WAITING = frozenset(
 # Reasons worth a Warning event of their own when they appear.
 PROBLEMS = STUCK_WAITING | {"Unschedulable", "CrashLoopBackOff", "Retrying", "NameConflict"}
 
-# The status fields the operator owns; everything else under status belongs to the trainer.
-OPERATOR_FIELDS = (
-    "phase",
-    "conditions",
-    "observedGeneration",
-    "attempts",
-    "startTime",
-    "completionTime",
-    "message",
+# The trainer's part of the status; the operator writes every other field of api.FineTuneJobStatus
+# (stage only when the job ends: until then it is the trainer's).
+TRAINER_FIELDS = frozenset({"progress", "results", "artifacts"})
+OPERATOR_FIELDS = tuple(
+    alias
+    for name, info in api.FineTuneJobStatus.model_fields.items()
+    if (alias := info.alias or name) not in TRAINER_FIELDS
 )
 MESSAGE_LIMIT = 1024
 
@@ -74,36 +72,30 @@ class Assessment:
 
 @dataclass(frozen=True)
 class StatusUpdate:
-    phase: str
+    """The operator's part of the next status, why, and the events it deserves.
+
+    The fields set on ``status`` are the ones written; None there deletes the field.
+    """
+
+    status: api.FineTuneJobStatus
     reason: str
-    message: str
-    conditions: list[dict[str, Any]]
-    observed_generation: int
-    attempts: int | None
-    start_time: str | None
-    completion_time: str | None
-    # Only on a terminal phase: the stage it ended in (Failed) or none (Succeeded).
-    stage: str | None = None
-    set_stage: bool = False
     events: list[Event] = field(default_factory=list)
 
-    def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "phase": self.phase,
-            "conditions": self.conditions,
-            "observedGeneration": self.observed_generation,
-            "attempts": self.attempts,
-            "startTime": self.start_time,
-            "completionTime": self.completion_time,
-            "message": self.message,
-        }
-        if self.set_stage:
-            out["stage"] = self.stage
-        return out
+    @property
+    def phase(self) -> str:
+        return str(self.status.phase)
+
+    @property
+    def message(self) -> str:
+        return self.status.message or ""
+
+    def fields(self) -> dict[str, Any]:
+        """The written fields, as JSON."""
+        return self.status.model_dump(by_alias=True, mode="json", exclude_unset=True)
 
     def patch(self, current: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch of ``status`` with only what changed (None deletes a field)."""
-        return {k: v for k, v in self.status().items() if current.get(k) != v}
+        return {k: v for k, v in self.fields().items() if current.get(k) != v}
 
 
 def timestamp(now: datetime) -> str:
@@ -237,9 +229,7 @@ def assess(
 
 
 def _previous(status: Mapping[str, Any]) -> Assessment:
-    running: Mapping[str, Any] = next(
-        (c for c in status.get("conditions") or [] if c.get("type") == RUNNING_CONDITION), {}
-    )
+    running = _condition(status.get("conditions") or [], RUNNING_CONDITION)
     return Assessment(
         str(status["phase"]),
         str(running.get("reason") or status["phase"]),
@@ -341,26 +331,72 @@ def observe(
     start_time = status.get("startTime")
     if not start_time and job is not None:
         start_time = (job.get("metadata") or {}).get("creationTimestamp") or stamp
-    terminal = found.phase in TERMINAL
     attempts = workload.attempts(job, spec)
-    if attempts is None:
-        attempts = status.get("attempts")
-    update = StatusUpdate(
-        phase=found.phase,
-        reason=found.reason,
-        message=found.message[:MESSAGE_LIMIT],
-        conditions=conditions,
-        observed_generation=generation,
-        attempts=attempts,
+    return _update(
+        status,
+        found,
+        conditions,
+        generation=generation,
+        attempts=status.get("attempts") if attempts is None else attempts,
         start_time=start_time,
-        completion_time=workload.completion_time(job, stamp) if terminal else None,
-        stage=((status.get("progress") or {}).get("stage") or status.get("stage"))
-        if found.phase == FAILED
-        else None,
-        set_stage=terminal,
+        completion_time=workload.completion_time(job, stamp) if found.phase in TERMINAL else None,
+        stage=(status.get("progress") or {}).get("stage") or status.get("stage"),
     )
-    update.events.extend(_events(status, update))
-    return update
+
+
+def refused(
+    status: Mapping[str, Any], *, reason: str, message: str, generation: int, now: datetime
+) -> StatusUpdate:
+    """Failed before anything was created (an invalid spec, a job the operator refuses to run)."""
+    stamp = timestamp(now)
+    conditions = set_condition(
+        status.get("conditions") or [],
+        FAILED_CONDITION,
+        True,
+        reason,
+        message,
+        now=stamp,
+        generation=generation,
+    )
+    return _update(
+        status,
+        Assessment(FAILED, reason, message),
+        conditions,
+        generation=generation,
+        attempts=status.get("attempts"),
+        start_time=status.get("startTime"),
+        completion_time=stamp,
+        stage=None,
+    )
+
+
+def _update(
+    before: Mapping[str, Any],
+    found: Assessment,
+    conditions: list[dict[str, Any]],
+    *,
+    generation: int,
+    attempts: int | None,
+    start_time: str | None,
+    completion_time: str | None,
+    stage: str | None,
+) -> StatusUpdate:
+    """The status update of an assessment; a terminal phase also settles the stage: the one a
+    failure ended in, none on success."""
+    message = found.message[:MESSAGE_LIMIT]
+    written: dict[str, Any] = {
+        "phase": found.phase,
+        "conditions": conditions,
+        "observed_generation": generation,
+        "attempts": attempts,
+        "start_time": start_time,
+        "completion_time": completion_time,
+        "message": message,
+    }
+    if found.phase in TERMINAL:
+        written["stage"] = stage if found.phase == FAILED else None
+    events = _events(before, found.phase, found.reason, message, conditions)
+    return StatusUpdate(api.FineTuneJobStatus.model_validate(written), found.reason, events)
 
 
 def memory_verdict(spec: api.FineTuneJobSpec) -> tuple[bool, str, str] | None:
@@ -386,26 +422,23 @@ def regression_verdict(status: Mapping[str, Any]) -> tuple[bool, str, str] | Non
     return True, "ScoresDropped", summary
 
 
-def _events(before: Mapping[str, Any], after: StatusUpdate) -> list[Event]:
+def _condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any]:
+    return next((c for c in conditions if c.get("type") == type_), {})
+
+
+def _events(
+    before: Mapping[str, Any], phase: str, reason: str, message: str, conditions: Sequence[Mapping[str, Any]]
+) -> list[Event]:
     events = []
-    if before.get("phase") != after.phase:
-        kind = "Warning" if after.phase == FAILED else "Normal"
-        events.append(Event(kind, after.phase, after.message))
-    old: Mapping[str, Any] = next(
-        (c for c in before.get("conditions") or [] if c.get("type") == RUNNING_CONDITION), {}
-    )
-    if after.reason in PROBLEMS and old.get("reason") != after.reason:
-        events.append(Event("Warning", after.reason, after.message))
-    plan = next((c for c in after.conditions if c["type"] == MEMORY_PLAN_CONDITION), None)
-    was: Mapping[str, Any] = next(
-        (c for c in before.get("conditions") or [] if c.get("type") == MEMORY_PLAN_CONDITION), {}
-    )
-    if plan is not None and plan["status"] == "False" and was.get("status") != "False":
+    was = before.get("conditions") or []
+    if before.get("phase") != phase:
+        events.append(Event("Warning" if phase == FAILED else "Normal", phase, message))
+    if reason in PROBLEMS and _condition(was, RUNNING_CONDITION).get("reason") != reason:
+        events.append(Event("Warning", reason, message))
+    plan = _condition(conditions, MEMORY_PLAN_CONDITION)
+    if plan.get("status") == "False" and _condition(was, MEMORY_PLAN_CONDITION).get("status") != "False":
         events.append(Event("Warning", "MemoryPlan", plan["message"]))
-    gate = next((c for c in after.conditions if c["type"] == REGRESSED_CONDITION), None)
-    gated: Mapping[str, Any] = next(
-        (c for c in before.get("conditions") or [] if c.get("type") == REGRESSED_CONDITION), {}
-    )
-    if gate is not None and gate["status"] == "True" and gated.get("status") != "True":
+    gate = _condition(conditions, REGRESSED_CONDITION)
+    if gate.get("status") == "True" and _condition(was, REGRESSED_CONDITION).get("status") != "True":
         events.append(Event("Warning", "Regressed", gate["message"]))
     return events

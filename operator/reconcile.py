@@ -69,15 +69,19 @@ class Reconciler:
         self.metrics = metrics
         self.clock = clock
         self.instance = instance or socket.gethostname()
-        # resourceVersion of each trainer Job as created here, by FineTuneJob: the watch event
-        # of the create itself brings nothing new (read by the controller, in another thread).
-        self.created_jobs: dict[tuple[str, str], str] = {}
 
     def reconcile(
-        self, namespace: str, name: str, *, last_seen_job: Mapping[str, Any] | None = None
+        self,
+        namespace: str,
+        name: str,
+        *,
+        last_seen_job: Mapping[str, Any] | None = None,
+        job_created: Callable[[str], None] | None = None,
     ) -> Result:
         """One pass. ``last_seen_job`` is the trainer Job as a watch last showed it: the only
-        record of how it ended once a TTL or a person deleted it."""
+        record of how it ended once a TTL or a person deleted it. ``job_created`` is told the
+        resourceVersion of a trainer Job this pass created, as soon as it exists: the watch event
+        of the create brings nothing new."""
         body = self.kube.get(api.KIND, namespace, name)
         if body is None:
             return Result()
@@ -105,8 +109,8 @@ class Reconciler:
             plan.job, uid, create=conflict is None and not started, likely_missing=not started
         )
         job, conflict = trainer.obj, conflict or trainer.conflict
-        if job is not None and trainer.created:
-            self.created_jobs[(namespace, name)] = job["metadata"]["resourceVersion"]
+        if job is not None and trainer.created and job_created is not None:
+            job_created(job["metadata"]["resourceVersion"])
         if job is None and not conflict and last_seen_job is not None and _owned_by(last_seen_job, uid):
             job = dict(last_seen_job)
 
@@ -217,23 +221,7 @@ class Reconciler:
         self, body: Mapping[str, Any], status: Mapping[str, Any], generation: int, reason: str, message: str
     ) -> Result:
         """Failed before anything is created: a condition, a Warning event, no children."""
-        now = obs.timestamp(self.clock())
-        conditions = obs.set_condition(
-            status.get("conditions") or [], obs.FAILED_CONDITION, True, reason, message,
-            now=now, generation=generation,
-        )  # fmt: skip
-        update = obs.StatusUpdate(
-            phase=obs.FAILED,
-            reason=reason,
-            message=message[: obs.MESSAGE_LIMIT],
-            conditions=conditions,
-            observed_generation=generation,
-            attempts=status.get("attempts"),
-            start_time=status.get("startTime"),
-            completion_time=now,
-            set_stage=True,
-            events=[obs.Event("Warning", obs.FAILED, message)],
-        )
+        update = obs.refused(status, reason=reason, message=message, generation=generation, now=self.clock())
         self._write(body, status, update)
         return Result(phase=obs.FAILED)
 
@@ -253,7 +241,7 @@ class Reconciler:
         for event in update.events:
             self.post_event(body, event)
         if self.metrics and update.phase in obs.TERMINAL and status.get("phase") != update.phase:
-            self.metrics.job_finished(update.phase, update.start_time, update.completion_time)
+            self.metrics.job_finished(update.phase, update.status.start_time, update.status.completion_time)
 
     def post_event(self, body: Mapping[str, Any], event: obs.Event) -> None:
         """A core/v1 Event on the FineTuneJob; a failure to post is logged, never raised."""

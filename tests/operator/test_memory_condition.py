@@ -23,7 +23,7 @@ def update(s: api.FineTuneJobSpec, status: dict[str, Any] | None = None) -> obs.
 
 
 def condition(u: obs.StatusUpdate) -> dict[str, Any]:
-    return next(c for c in u.conditions if c["type"] == obs.MEMORY_PLAN_CONDITION)
+    return next(c for c in u.fields()["conditions"] if c["type"] == obs.MEMORY_PLAN_CONDITION)
 
 
 def test_a_job_that_does_not_fit_gets_a_false_condition_and_one_warning_but_is_not_failed() -> None:
@@ -34,7 +34,7 @@ def test_a_job_that_does_not_fit_gets_a_false_condition_and_one_warning_but_is_n
     assert "does not fit; would fit with:" in plan["message"] and "method: qlora" in plan["message"]
     assert first.phase == obs.PENDING
     assert [e.reason for e in first.events if e.type == "Warning"] == ["MemoryPlan"]
-    again = update(big, first.status())
+    again = update(big, first.fields())
     assert condition(again)["lastTransitionTime"] == plan["lastTransitionTime"]
     assert not [e for e in again.events if e.reason == "MemoryPlan"]
 
@@ -47,4 +47,4 @@ def test_a_job_that_fits_gets_a_true_condition_with_its_figures() -> None:
 
 def test_a_model_it_cannot_size_gets_no_condition() -> None:
     u = update(spec("someone/unknown-model"))
-    assert all(c["type"] != obs.MEMORY_PLAN_CONDITION for c in u.conditions)
+    assert all(c["type"] != obs.MEMORY_PLAN_CONDITION for c in u.fields()["conditions"])

@@ -89,7 +89,7 @@ def run(
 
 
 def condition(update: obs.StatusUpdate, kind: str) -> dict[str, Any] | None:
-    return next((c for c in update.conditions if c["type"] == kind), None)
+    return next((c for c in update.fields()["conditions"] if c["type"] == kind), None)
 
 
 def applied(status: dict[str, Any], update: obs.StatusUpdate) -> dict[str, Any]:
@@ -335,25 +335,25 @@ def test_terminal_status_fields() -> None:
         ),
         status=status,
     )
-    assert done.completion_time == "2025-03-01T12:31:00Z"
-    assert done.set_stage and done.stage is None
+    assert done.status.completion_time == "2025-03-01T12:31:00Z"
+    assert "stage" in done.fields() and done.status.stage is None
     assert done.patch(status)["stage"] is None  # the merge patch removes it
 
     failed = run(job(conditions=[("Failed", "BackoffLimitExceeded")], failed=3), status=status)
     # No completionTime on a failed Job: the Failed condition's time.
-    assert failed.completion_time == "2025-03-01T12:30:00Z"
-    assert failed.stage == "train" and failed.patch(status)["stage"] == "train"
+    assert failed.status.completion_time == "2025-03-01T12:30:00Z"
+    assert failed.status.stage == "train" and failed.patch(status)["stage"] == "train"
 
     running = run(job(active=1), [pod("Running")], status=status)
-    assert running.completion_time is None and not running.set_stage and "stage" not in running.patch(status)
+    assert running.status.completion_time is None and "stage" not in running.fields()
 
 
 def test_start_time_is_when_the_trainer_job_was_created_and_stays() -> None:
     first = run(job(active=1), [pod()])
-    assert first.start_time == "2025-03-01T11:59:00Z"
+    assert first.status.start_time == "2025-03-01T11:59:00Z"
     kept = run(job(active=1), [pod()], status={"startTime": "2025-02-01T00:00:00Z"})
-    assert kept.start_time == "2025-02-01T00:00:00Z"
-    assert run(None).start_time is None
+    assert kept.status.start_time == "2025-02-01T00:00:00Z"
+    assert run(None).status.start_time is None
 
 
 @pytest.mark.parametrize(
@@ -369,7 +369,7 @@ def test_start_time_is_when_the_trainer_job_was_created_and_stays() -> None:
     ],
 )
 def test_attempts(counters: dict[str, int], nodes: int, attempts: int) -> None:
-    assert run(job(**counters), the_spec=spec(resources={"nodes": nodes})).attempts == attempts
+    assert run(job(**counters), the_spec=spec(resources={"nodes": nodes})).status.attempts == attempts
 
 
 def test_last_transition_time_moves_only_when_status_changes() -> None:
@@ -388,9 +388,9 @@ def test_last_transition_time_moves_only_when_status_changes() -> None:
 
 def test_observed_generation_is_recorded() -> None:
     update = run(job(active=1), [pod("Running")], generation=7)
-    assert update.observed_generation == 7
-    assert update.status()["observedGeneration"] == 7
-    assert {c["observedGeneration"] for c in update.conditions} == {7}
+    assert update.status.observed_generation == 7
+    assert update.fields()["observedGeneration"] == 7
+    assert {c["observedGeneration"] for c in update.fields()["conditions"]} == {7}
 
 
 def test_events_on_phase_transitions_only() -> None:
@@ -444,7 +444,7 @@ def test_trainer_job_gone() -> None:
     started = {"phase": "Running", "startTime": "2025-03-01T11:59:00Z", "attempts": 1}
     lost = run(None, status=started)
     assert (lost.phase, lost.reason) == ("Failed", "JobDeleted")
-    assert lost.attempts == 1
+    assert lost.status.attempts == 1
     with_manifest = run(None, status={**started, "artifacts": {"manifest": "s3://m/out/manifest.json"}})
     assert (with_manifest.phase, with_manifest.reason) == ("Succeeded", "Completed")
     assert run(None).phase == "Pending"
@@ -466,17 +466,28 @@ def test_patch_touches_only_operator_fields() -> None:
     status = {"phase": "Running", **trainer_part}
     update = run(job(conditions=[("Complete", "CompletionsReached")], succeeded=1), status=status)
     patch = update.patch(status)
-    assert set(patch) <= {*obs.OPERATOR_FIELDS, "stage"}
+    assert set(patch) <= set(obs.OPERATOR_FIELDS)
     assert not set(patch) & set(trainer_part)
-    assert set(obs.OPERATOR_FIELDS) == {
-        "phase",
-        "conditions",
-        "observedGeneration",
-        "attempts",
-        "startTime",
-        "completionTime",
-        "message",
-    }
+    # Every status field is the operator's or the trainer's: a new one needs no list to be added to.
+    every = {info.alias for info in api.FineTuneJobStatus.model_fields.values()}
+    assert set(obs.OPERATOR_FIELDS) | obs.TRAINER_FIELDS == every
+    assert not set(obs.OPERATOR_FIELDS) & obs.TRAINER_FIELDS
+    assert {"phase", "conditions", "observedGeneration", "message", "stage"} <= set(obs.OPERATOR_FIELDS)
+
+
+def test_a_refused_job_fails_with_one_warning_and_keeps_what_it_had() -> None:
+    status = {"phase": "Pending", "startTime": "2025-03-01T11:59:00Z", "stage": "fetch"}
+    update = obs.refused(
+        status, reason="InvalidSpec", message="invalid spec: " + "x" * 2000, generation=3, now=T0
+    )
+    assert (update.phase, update.reason) == ("Failed", "InvalidSpec")
+    assert len(update.message) == obs.MESSAGE_LIMIT
+    failed = condition(update, "Failed")
+    assert failed is not None and failed["reason"] == "InvalidSpec" and failed["observedGeneration"] == 3
+    patch = update.patch(status)
+    assert patch["completionTime"] == "2025-03-01T12:00:00Z" and patch["stage"] is None
+    assert "startTime" not in patch, "unchanged"
+    assert [(e.type, e.reason, e.message) for e in update.events] == [("Warning", "Failed", update.message)]
 
 
 def test_the_status_is_valid_for_the_api_models() -> None:
@@ -484,7 +495,7 @@ def test_the_status_is_valid_for_the_api_models() -> None:
         job(conditions=[("Failed", "BackoffLimitExceeded")], failed=3),
         status={"progress": {"stage": "train"}},
     )
-    api.FineTuneJobStatus.model_validate(update.status())
+    api.FineTuneJobStatus.model_validate(update.fields())
 
 
 def test_long_messages_are_cut() -> None:
@@ -494,7 +505,7 @@ def test_long_messages_are_cut() -> None:
         [pod("Failed", terminated={"exitCode": 1, "message": huge})],
     )
     assert len(update.message) <= obs.MESSAGE_LIMIT
-    assert all(len(c["message"]) <= obs.MESSAGE_LIMIT for c in update.conditions)
+    assert all(len(c["message"]) <= obs.MESSAGE_LIMIT for c in update.fields()["conditions"])
 
 
 def test_an_ended_pod_the_job_has_not_counted_yet_changes_nothing() -> None:
@@ -520,5 +531,5 @@ def test_uncounted_pods_count_as_attempts() -> None:
         uncountedTerminatedPods={"failed": ["pod-2"]},
     )
     update = run(failing, [pod("Failed", terminated={"exitCode": 1})], the_spec=spec(backoffLimit=1))
-    assert update.attempts == 2
+    assert update.status.attempts == 2
     assert "failed 2 time(s)" in update.message

@@ -683,10 +683,11 @@ def test_a_new_finetunejob_costs_one_request_per_object(
     recording = RecordingKube(control_plane_api_client)
     reconciler = Reconciler(recording, planning.OperatorConfig(trainer_image="registry.test/t:1"))
     names = planning.Names.of("frugal")
-    result = reconciler.reconcile(ns, "frugal")
+    created: list[str] = []
+    result = reconciler.reconcile(ns, "frugal", job_created=created.append)
     assert result.phase == "Pending"
     job = kube.get("Job", ns, names.job)
-    assert job and list(reconciler.created_jobs) == [(ns, "frugal")]
+    assert job and len(created) == 1
     posts = [path.split("/")[0] for method, path in recording.sent if method == "POST"]
     assert posts == ["configmaps", "serviceaccounts", "roles", "rolebindings", "jobs", "events"]
     assert recording.sent[0] == ("GET", "finetunejobs/frugal")
@@ -713,8 +714,9 @@ def test_after_a_crash_before_the_status_the_creates_find_what_exists(
     made = {obj["kind"]: kube.create(obj)["metadata"]["uid"] for obj in plan.objects()}
     recording = RecordingKube(control_plane_api_client)
     reconciler = Reconciler(recording, config)
-    assert reconciler.reconcile(ns, "half-done").phase == "Pending"
-    assert reconciler.created_jobs == {}
+    jobs_created: list[str] = []
+    assert reconciler.reconcile(ns, "half-done", job_created=jobs_created.append).phase == "Pending"
+    assert jobs_created == []
     kids = assert_one_of_each(kube, ns, "half-done")
     assert {kind: kids[kind]["metadata"]["uid"] for kind in KINDS} == made
     assert [m for m, p in recording.sent if p.startswith("pods")] == ["GET"], "the Job's pods are listed"

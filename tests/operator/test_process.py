@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from kubernetes.client import Configuration
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,8 +15,7 @@ def test_settings_run_one_replica_unless_peering_is_named() -> None:
     single = main.settings()
     assert single.peering.standalone is True
     assert single.scanning.disabled is True, "no cluster-wide namespace or CRD watching is needed"
-    assert single.posting.level == logging.WARNING
-    assert single.posting.reporting_component == "kubetune-operator"
+    assert single.posting.enabled is False, "events come from the reconciler alone"
     assert isinstance(single.watching.server_timeout, int), "the API server parses it as an integer"
     selectors = dict(single.watching.label_selectors.items())
     assert set(selectors.values()) == {"app.kubernetes.io/managed-by=kubetune-operator"}

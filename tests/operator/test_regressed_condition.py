@@ -25,7 +25,7 @@ def update(status: dict[str, Any]) -> obs.StatusUpdate:
 
 
 def regressed(u: obs.StatusUpdate) -> dict[str, Any] | None:
-    return next((c for c in u.conditions if c["type"] == obs.REGRESSED_CONDITION), None)
+    return next((c for c in u.fields()["conditions"] if c["type"] == obs.REGRESSED_CONDITION), None)
 
 
 def test_no_condition_before_the_trainer_has_judged() -> None:
@@ -39,7 +39,7 @@ def test_a_drop_beyond_the_gate_is_a_true_condition_with_one_warning() -> None:
     assert condition["status"] == "True" and condition["reason"] == "ScoresDropped"
     assert condition["message"] == "arc_easy/acc 0.61 -> 0.52 (-0.09)"
     assert [e.reason for e in first.events if e.type == "Warning"] == ["Regressed"]
-    again = update({**first.status(), "results": {"regressions": [DROP]}})
+    again = update({**first.fields(), "results": {"regressions": [DROP]}})
     assert not [e for e in again.events if e.reason == "Regressed"]
 
 
