@@ -1,36 +1,18 @@
-"""The memory plan: what one GPU needs to run a FineTuneJob, before any GPU is held.
-
-Pure arithmetic over the model's architecture (its ``config.json``, or a built-in table of the
-common families when offline) and the spec. The figures follow what the trainer does:
-
-- full fine-tuning keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments
-  (16 bytes a parameter); under autocast each weight also gets a 16-bit copy for the forward;
-- LoRA keeps the frozen base in the compute dtype; peft keeps adapters in fp32;
-- QLoRA stores linear layers in 4 bits (NF4 with double quantization: 4.127 bits a parameter);
-  peft's k-bit preparation casts the rest (embeddings, head, norms) to fp32;
-- FSDP shards parameters, gradients and optimizer states over every process, dimension 0 of
-  each tensor cut as FSDP2 cuts it (the first rank holds the ceiling), and gathers one
-  transformer block (plus one prefetched) at a time in the compute dtype;
-- activations: each decoder layer keeps its inputs, the attention and MLP intermediates; with
-  gradient checkpointing only each layer's input plus one layer recomputed; the loss upcasts
-  logits to fp32 (transformers' cross entropy), the largest single term for big vocabularies.
-
-No torch import here: the operator and ``kubetune validate`` use this module.
-"""
+"""The estimate: each part of one GPU's memory during the training step and the later stages,
+and the changes to the spec that would make a plan fit."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from kubetune import api
+from kubetune.memory.architecture import Architecture, architecture
+from kubetune.memory.quantities import GIB, gib, parse_quantity
 
-GIB = 1024**3
 DEFAULT_GPU_MEMORY = "80Gi"
 CUDA_OVERHEAD = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator slack
 # 4-bit codes; an 8-bit absmax per 64 weights and an fp32 constant per 256 blocks (double quantization).
@@ -39,215 +21,6 @@ NF4_BYTES = (4 + 32 / 64) / 8  # fp32 absmax per 64
 INT8_BYTES = 1 + 4 / 4096  # int8 codes and a row statistic (LLM.int8)
 
 Strategy = Literal["ddp", "fsdp"]
-
-_SUFFIXES: dict[str, float] = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 10**-3,
-}  # fmt: skip
-
-
-def parse_quantity(value: str) -> int:
-    """A Kubernetes quantity (``80Gi``, ``40G``, ``500m``) in bytes."""
-    match = re.fullmatch(api.QUANTITY_PATTERN, value)
-    if match is None:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 80Gi")
-    number = value.rstrip("".join(_SUFFIXES))
-    suffix = value[len(number) :]
-    return int(float(number) * _SUFFIXES.get(suffix, 1))
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tie_embeddings: bool = False
-    qkv_bias: bool = False
-    model_type: str = "llama"  # config.json's model_type
-    source: str = ""  # where the figures came from
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], source: str) -> Architecture:
-        """From a Hugging Face ``config.json``; a missing field is named in the error."""
-        text = config.get("text_config") or config
-
-        def need(key: str) -> int:
-            if key not in text:
-                raise ValueError(f"{source}: config.json has no {key!r}; the memory plan needs it")
-            return int(text[key])
-
-        heads = need("num_attention_heads")
-        hidden = need("hidden_size")
-        return cls(
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=int(text.get("num_key_value_heads") or heads),
-            head_dim=int(text.get("head_dim") or hidden // heads),
-            tie_embeddings=bool(text.get("tie_word_embeddings", False)),
-            qkv_bias=bool(text.get("attention_bias", False)) or text.get("model_type") == "qwen2",
-            model_type=str(text.get("model_type") or config.get("model_type") or "unknown"),
-            source=source,
-        )
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def block_linears(self) -> dict[str, tuple[int, int]]:
-        """Each linear layer of one decoder block: (in_features, out_features)."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.kv_dim, self.intermediate_size
-        return {
-            "self_attn.q_proj": (h, q),
-            "self_attn.k_proj": (h, kv),
-            "self_attn.v_proj": (h, kv),
-            "self_attn.o_proj": (q, h),
-            "mlp.gate_proj": (h, i),
-            "mlp.up_proj": (h, i),
-            "mlp.down_proj": (i, h),
-        }
-
-    def block_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """The parameters of one decoder block, named as transformers names them."""
-        for name, (fan_in, fan_out) in self.block_linears().items():
-            yield f"{name}.weight", (fan_out, fan_in)
-            if self.qkv_bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                yield f"{name}.bias", (fan_out,)
-        yield "input_layernorm.weight", (self.hidden_size,)
-        yield "post_attention_layernorm.weight", (self.hidden_size,)
-
-    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """Every parameter of the causal LM, in transformers' names (``model.layers.N...``)."""
-        yield "model.embed_tokens.weight", (self.vocab_size, self.hidden_size)
-        for layer in range(self.num_layers):
-            for name, shape in self.block_shapes():
-                yield f"model.layers.{layer}.{name}", shape
-        yield "model.norm.weight", (self.hidden_size,)
-        if not self.tie_embeddings:
-            yield "lm_head.weight", (self.vocab_size, self.hidden_size)
-
-    @property
-    def parameters(self) -> int:
-        return sum(math.prod(shape) for _, shape in self.shapes())
-
-    @property
-    def block_parameters(self) -> int:
-        return sum(math.prod(shape) for _, shape in self.block_shapes())
-
-    @property
-    def linear_parameters(self) -> int:
-        """Parameters in the decoder blocks' linear weights: what bitsandbytes quantizes."""
-        return self.num_layers * sum(a * b for a, b in self.block_linears().values())
-
-
-def _llama(v: int, h: int, i: int, layers: int, heads: int, kv: int, **kw: Any) -> Architecture:
-    return Architecture(v, h, i, layers, heads, kv, kw.pop("head_dim", h // heads), **kw)
-
-
-# From each model's config.json on the Hugging Face hub; instruct variants share the base's.
-FAMILIES: dict[str, Architecture] = {
-    "meta-llama/Llama-3.1-8B": _llama(128256, 4096, 14336, 32, 32, 8),
-    "meta-llama/Llama-3.1-70B": _llama(128256, 8192, 28672, 80, 64, 8),
-    "meta-llama/Llama-3.1-405B": _llama(128256, 16384, 53248, 126, 128, 8),
-    "meta-llama/Llama-3.2-1B": _llama(128256, 2048, 8192, 16, 32, 8, head_dim=64, tie_embeddings=True),
-    "meta-llama/Llama-3.2-3B": _llama(128256, 3072, 8192, 28, 24, 8, head_dim=128, tie_embeddings=True),
-    "meta-llama/Llama-2-7b-hf": _llama(32000, 4096, 11008, 32, 32, 32),
-    "meta-llama/Llama-2-13b-hf": _llama(32000, 5120, 13824, 40, 40, 40),
-    "meta-llama/Llama-2-70b-hf": _llama(32000, 8192, 28672, 80, 64, 8),
-    "huggyllama/llama-65b": _llama(32000, 8192, 22016, 80, 64, 64),
-    "mistralai/Mistral-7B-v0.1": _llama(32000, 4096, 14336, 32, 32, 8, model_type="mistral"),
-    "mistralai/Mistral-7B-v0.3": _llama(32768, 4096, 14336, 32, 32, 8, model_type="mistral"),
-    "Qwen/Qwen2.5-0.5B": _llama(
-        151936, 896, 4864, 24, 14, 2, tie_embeddings=True, qkv_bias=True, model_type="qwen2"
-    ),
-    "Qwen/Qwen2.5-1.5B": _llama(
-        151936, 1536, 8960, 28, 12, 2, tie_embeddings=True, qkv_bias=True, model_type="qwen2"
-    ),
-    "Qwen/Qwen2.5-3B": _llama(
-        151936, 2048, 11008, 36, 16, 2, tie_embeddings=True, qkv_bias=True, model_type="qwen2"
-    ),
-    "Qwen/Qwen2.5-7B": _llama(152064, 3584, 18944, 28, 28, 4, qkv_bias=True, model_type="qwen2"),
-    "Qwen/Qwen2.5-14B": _llama(152064, 5120, 13824, 48, 40, 8, qkv_bias=True, model_type="qwen2"),
-    "Qwen/Qwen2.5-32B": _llama(152064, 5120, 27648, 64, 40, 8, qkv_bias=True, model_type="qwen2"),
-    "Qwen/Qwen2.5-72B": _llama(152064, 8192, 29568, 80, 64, 8, qkv_bias=True, model_type="qwen2"),
-}
-_ALIASES = {"meta-llama/Meta-Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
-            "meta-llama/Meta-Llama-3.1-70B": "meta-llama/Llama-3.1-70B"}  # fmt: skip
-
-
-def family(name: str) -> Architecture | None:
-    """The built-in architecture of a hub id (instruct and chat variants included)."""
-    base = re.sub(r"-(Instruct|instruct|chat|Chat|it)(-[0-9]+)?$", "", name)
-    base = _ALIASES.get(base, base)
-    found = FAMILIES.get(base) or next((a for k, a in FAMILIES.items() if k.lower() == base.lower()), None)
-    return replace(found, source=f"built-in table ({base})") if found else None
-
-
-def architecture(
-    spec: api.FineTuneJobSpec, *, config_path: Path | None = None, store: Any = None
-) -> Architecture:
-    """The model's architecture: an explicit config.json, the model's own, a preset or the table."""
-    if config_path is not None:
-        return _from_file(config_path)
-    model = spec.model
-    if model.uri is not None and not model.uri.startswith("s3://"):
-        path = Path(model.uri.removeprefix("file://")) / "config.json"
-        if path.exists():
-            return _from_file(path)
-    if model.uri is not None and model.uri.startswith("s3://") and store is not None:
-        uri = model.uri.rstrip("/") + "/config.json"
-        try:
-            return Architecture.from_config(store.read_json(uri), uri)
-        except Exception as error:  # unreachable storage: fall back to the table, and say so
-            if model.name is None or family(model.name) is None:
-                raise ValueError(f"spec.model.uri: cannot read {uri}: {error}") from error
-    if model.name is not None:
-        from kubetune.trainer import presets  # stdlib only at import time
-
-        if presets.is_preset(model.name):
-            config = {**presets.PRESETS[model.name], "tie_word_embeddings": False, "model_type": "llama"}
-            return Architecture.from_config(config, f"preset {model.name}")
-        found = family(model.name)
-        if found is not None:
-            return found
-    where = model.name or model.uri
-    raise ValueError(
-        f"spec.model: no architecture for {where}: not in the built-in table "
-        f"({', '.join(FAMILIES)}); give its config.json with --config or a local spec.model.uri"
-    )
-
-
-def model_type(spec: api.FineTuneJobSpec, *, config_path: Path | None = None) -> str:
-    """config.json's model_type, offline: an explicit or local config.json, else the table's; a
-    ValueError when neither knows the model."""
-    path = config_path
-    if path is None and spec.model.uri is not None and not spec.model.uri.startswith("s3://"):
-        path = Path(spec.model.uri.removeprefix("file://")) / "config.json"
-    if path is not None and path.exists():
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: {error}") from error
-        return str(
-            (config.get("text_config") or {}).get("model_type") or config.get("model_type") or "unknown"
-        )
-    return architecture(spec, config_path=config_path).model_type
-
-
-def _from_file(path: Path) -> Architecture:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: {error}") from error
-    return Architecture.from_config(config, str(path))
 
 
 def processes(spec: api.FineTuneJobSpec) -> int:
@@ -357,10 +130,6 @@ class Plan:
             "fits": self.fits,
             "suggestions": list(self.suggestions),
         }
-
-
-def gib(n: float) -> str:
-    return f"{n / GIB:,.1f} GiB"
 
 
 def estimate(
@@ -574,43 +343,3 @@ def plan_job(
     spec: api.FineTuneJobSpec, *, config_path: Path | None = None, store: Any = None, model: str | None = None
 ) -> Plan:
     return estimate(spec, architecture(spec, config_path=config_path, store=store), model=model)
-
-
-def plan_files(
-    paths: list[Path], *, config_path: Path | None = None, online: bool = True
-) -> list[tuple[str, Plan | str]]:
-    """The plan of every FineTuneJob in ``paths``, or why there is none (an invalid manifest,
-    an unknown model). ``online`` reads an s3:// model's config.json from storage."""
-    from kubetune.validation import InvalidJob, documents, export_problems, parse_job
-
-    out: list[tuple[str, Plan | str]] = []
-    for path in paths:
-        try:
-            docs = list(documents(path))
-        except (OSError, ValueError) as error:
-            out.append((str(path), str(error)))
-            continue
-        for source, doc in docs:
-            try:
-                job = parse_job(doc, source)
-                if any(f.startswith("gguf-") for f in job.spec.export.quantize):
-                    refused = export_problems(job.spec, model_type(job.spec, config_path=config_path))
-                    if refused:
-                        out.append((source, "; ".join(str(p) for p in refused)))
-                        continue
-                out.append(
-                    (source, plan_job(job.spec, config_path=config_path, store=_store(job.spec, online)))
-                )
-            except InvalidJob as error:
-                out.append((source, "; ".join(str(p) for p in error.problems)))
-            except ValueError as error:
-                out.append((source, str(error)))
-    return out
-
-
-def _store(spec: api.FineTuneJobSpec, online: bool) -> Any:
-    if not online or not (spec.model.uri or "").startswith("s3://"):
-        return None
-    from kubetune.storage import ObjectStore, StorageConfig
-
-    return ObjectStore(StorageConfig(endpoint=spec.storage.endpoint, region=spec.storage.region))
