@@ -1,7 +1,7 @@
 """The runs a FineTuneJob leaves in object storage: list them, and pull one verified against its manifest.
 
 A run is the prefix ``<output>/<namespace>/<name>/``. The trainer uploads every artifact and
-writes ``manifest.json`` (each file with size and SHA-256) last, so a run without a manifest is
+writes ``manifest.json`` (each file with size, SHA-256 and CRC64NVME) last, so a run without a manifest is
 incomplete: still training (``checkpoints/`` only), failed, or cut off while publishing.
 """
 
@@ -67,6 +67,7 @@ class ManifestFile(BaseModel):
     path: str = Field(min_length=1)
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    crc64nvme: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")  # absent in manifests before 0.2
 
 
 class Manifest(BaseModel):
@@ -249,7 +250,9 @@ def pull(
     """Download the files of a finished run into ``dest``, each checked against ``manifest.json``.
 
     A run without a manifest is refused before anything is downloaded. Every file must have the
-    size and SHA-256 the manifest records (and the SHA-256 its object records); one that does not
+    size and checksum the manifest records (its CRC64NVME, or its SHA-256 where the manifest has no
+    CRC64NVME; the CRC guards against damage at 8 GB/s, and anyone able to rewrite a file could
+    rewrite the manifest beside it too) and the checksum its object records; one that does not
     is never renamed into place. ``dest/manifest.json`` is written last, after every file is
     verified, so a local copy with a manifest is as complete as the run. Files already in
     ``dest`` with the right content are not downloaded again.
@@ -274,6 +277,7 @@ def pull(
         [objects[f.path] for f in manifest.files],
         root,
         expected={f.path: f.sha256 for f in manifest.files},
+        expected_crc64nvme={f.path: f.crc64nvme for f in manifest.files if f.crc64nvme},
         expected_source=str(manifest_uri),
         progress=progress,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
-from kubetune.storage import sha256_file
+from kubetune.storage import file_digests
 from kubetune.trainer.context import RunContext
 
 
@@ -169,7 +169,8 @@ def _cell(value: float | None) -> str:
 
 
 def manifest(ctx: RunContext, files: list[Path]) -> dict[str, Any]:
-    """Every published file with size and SHA-256. Written last: no manifest, no result."""
+    """Every published file with size, SHA-256 and CRC64NVME. Written last: no manifest, no result."""
+    digests = {f: file_digests(f) for f in files}
     return {
         "apiVersion": api.API_VERSION,
         "kind": "FineTuneJobManifest",
@@ -180,7 +181,8 @@ def manifest(ctx: RunContext, files: list[Path]) -> dict[str, Any]:
             {
                 "path": f.relative_to(ctx.staging).as_posix(),
                 "size": f.stat().st_size,
-                "sha256": sha256_file(f),
+                "sha256": digests[f][0],
+                "crc64nvme": digests[f][1],
             }
             for f in sorted(files)
         ],

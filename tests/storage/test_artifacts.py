@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from awscrt.checksums import crc64nvme  # type: ignore[import-untyped]
 from typer.testing import CliRunner
 
 from kubetune.artifacts import Manifest, find_runs
 from kubetune.cli import app
-from kubetune.storage import ObjectStore
+from kubetune.storage import ObjectStore, crc64_hex
 from kubetune.testing.s3 import RequestRecorder, S3Server
 
 if TYPE_CHECKING:
@@ -22,8 +23,11 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 
 
-def make_run(root: Path, job: str = "default/demo", *, big: int = 300_000, manifest: bool = True) -> Path:
-    """A run laid out as the trainer publishes it, with its manifest in the trainer's format."""
+def make_run(
+    root: Path, job: str = "default/demo", *, big: int = 300_000, manifest: bool = True, crc64: bool = True
+) -> Path:
+    """A run laid out as the trainer publishes it, with its manifest in the trainer's format (without
+    the CRC64NVME the trainer records since 0.2 when ``crc64`` is false)."""
     files = {
         "adapter/adapter_config.json": b'{"r": 8}',
         "adapter/adapter_model.safetensors": os.urandom(big),
@@ -45,6 +49,7 @@ def make_run(root: Path, job: str = "default/demo", *, big: int = 300_000, manif
                     "createdAt": "2026-12-01T10:00:00+00:00",
                     "files": [
                         {"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                        | ({"crc64nvme": crc64_hex(crc64nvme(d))} if crc64 else {})
                         for n, d in sorted(files.items())
                     ],
                 }
@@ -235,10 +240,11 @@ def test_pull_refuses_an_s3_run_without_manifest(
 
 
 @pytest.mark.s3
+@pytest.mark.parametrize("crc64", [True, False], ids=["manifest-crc64nvme", "manifest-sha256-only"])
 def test_pull_refuses_tampered_s3_objects(
-    s3_server: S3Server, s3_client: S3Client, s3_bucket: str, s3_env: list[str], tmp_path: Path
+    s3_server: S3Server, s3_client: S3Client, s3_bucket: str, s3_env: list[str], tmp_path: Path, crc64: bool
 ) -> None:
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", crc64=crc64)
     prefix = f"s3://{s3_bucket}/finetunes/default/demo"
     key = "finetunes/default/demo/adapter/adapter_model.safetensors"
     store = ObjectStore(s3_server.storage_config())
@@ -252,6 +258,7 @@ def test_pull_refuses_tampered_s3_objects(
     result = runner.invoke(app, ["artifacts", "pull", prefix, str(dest), *s3_env])
     assert result.exit_code == 1
     assert f"download s3://{s3_bucket}/{key} failed" in result.output
+    assert f"{'CRC64NVME' if crc64 else 'SHA-256'} " in result.output
     assert f"recorded in {prefix}/manifest.json" in result.output
     assert not (dest / "adapter" / "adapter_model.safetensors").exists()
     assert not (dest / "manifest.json").exists()

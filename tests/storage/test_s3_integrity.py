@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import time
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from awscrt.checksums import crc64nvme  # type: ignore[import-untyped]
 
-from kubetune.storage import ChecksumMismatchError, ObjectStore
+from kubetune.storage import ChecksumMismatchError, ObjectStore, crc64_hex
 from kubetune.testing.s3 import RequestRecorder, S3Server
 
 if TYPE_CHECKING:
@@ -52,12 +54,16 @@ def test_multipart_round_trip_of_64_mib_and_corruption_is_detected(
     head = s3_client.head_object(Bucket=s3_bucket, Key="models/big/model.safetensors", ChecksumMode="ENABLED")
     assert head["ETag"].endswith('-9"'), head["ETag"]  # really a 9-part multipart upload
     assert head["Metadata"]["sha256"] == sha
-    assert head.get("ChecksumType") == "COMPOSITE"  # every part was SHA-256 checked by the server
+    crc = crc64_hex(crc64nvme(data))
+    assert head["Metadata"]["crc64nvme"] == up.crc64nvme == crc
+    # Every part was checked by the server, and it stores the whole object's CRC64NVME.
+    assert head.get("ChecksumType") == "FULL_OBJECT"
+    assert base64.b64decode(head["ChecksumCRC64NVME"]).hex() == crc
     assert s3_server.request_count("UploadPart", s3_bucket) == 9
 
     gets_before = s3_server.request_count("GetObject", s3_bucket)
     down = store.download_file(uri, tmp_path / "dl" / "model.safetensors")
-    assert (down.sha256, down.skipped) == (sha, False)
+    assert (down.sha256, down.crc64nvme, down.skipped) == (sha, crc, False)
     assert hashlib.sha256((tmp_path / "dl" / "model.safetensors").read_bytes()).hexdigest() == sha
     assert s3_server.request_count("GetObject", s3_bucket) - gets_before == 9  # ranged GETs, in parallel
 
@@ -67,7 +73,7 @@ def test_multipart_round_trip_of_64_mib_and_corruption_is_detected(
         store.download_file(uri, dest)
     message = str(info.value)
     assert message.startswith(f"download {uri} failed")
-    assert sha in message and "corrupt" in message
+    assert f"CRC64NVME {crc} recorded with the object" in message and "corrupt" in message
     assert not dest.exists()
     assert _partial_files(tmp_path) == []
 

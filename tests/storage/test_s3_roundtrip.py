@@ -29,13 +29,14 @@ def test_small_objects_round_trip_with_recorded_checksums(
     assert store.read_text(f"s3://{s3_bucket}/runs/ns/job/README.md") == "card\n"
     assert store.read_bytes(f"s3://{s3_bucket}/runs/ns/job/README.md") == b"card\n"
 
-    # Seen from outside the module: the SHA-256 is in the metadata and the server verified it.
+    # Seen from outside the module: SHA-256 and CRC64NVME are in the metadata; the server verified the CRC.
     head = s3_client.head_object(Bucket=s3_bucket, Key="runs/ns/job/metrics.json", ChecksumMode="ENABLED")
     body = s3_client.get_object(Bucket=s3_bucket, Key="runs/ns/job/metrics.json")["Body"].read()
     assert head["Metadata"]["sha256"] == hashlib.sha256(body).hexdigest() == written.sha256
     assert head["ContentType"] == "application/json"
     assert head.get("ChecksumType") == "FULL_OBJECT"
-    assert base64.b64decode(head["ChecksumSHA256"]).hex() == written.sha256
+    assert head["Metadata"]["crc64nvme"] == written.crc64nvme
+    assert base64.b64decode(head["ChecksumCRC64NVME"]).hex() == written.crc64nvme
 
     info = store.stat(uri)
     assert (info.size, info.sha256) == (len(body), written.sha256)
