@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperOption
 
 from kubetune import contract
 
@@ -178,12 +179,24 @@ def operator_command(
     )
 
 
-@data_app.command("inspect")
+class _FormatsInHelp(TyperCommand):
+    """Names the dataset formats in --format's help only when help is shown: the names come from
+    kubetune.api, which no other use of the command line needs to import."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from kubetune.api import DatasetFormat
+
+        *first, last = [f.value for f in DatasetFormat]
+        for option in self.params:
+            if isinstance(option, TyperOption) and option.name == "format":
+                option.help = f"{', '.join(first)} or {last}."
+        super().format_help(ctx, formatter)
+
+
+@data_app.command("inspect", cls=_FormatsInHelp)
 def data_inspect(
     path: Annotated[str, typer.Argument(help="A dataset: local file, s3:// URI, hf://id or builtin:name.")],
-    format: Annotated[
-        str, typer.Option("--format", "-f", help="auto, text, prompt-completion, instruction or chat.")
-    ] = "auto",
+    format: Annotated[str, typer.Option("--format", "-f")] = "auto",
     examples: Annotated[int, typer.Option("--examples", "-n", help="Rendered examples to show.")] = 3,
     model: Annotated[
         str | None, typer.Option(help="Tokenize with this model's tokenizer (id, path or preset).")
