@@ -6,6 +6,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune import api
@@ -15,22 +16,53 @@ from kubetune.trainer.context import RunContext
 from kubetune.trainer.reporter import Reporter
 from kubetune.trainer.stages import baseline, evaluate, fetch, merge, prepare, push, quantize, train
 
-Stage = Callable[[RunContext], None]
 
-STAGES: list[tuple[api.Stage, Stage]] = [
-    (api.Stage.FETCH, fetch.run),
-    (api.Stage.PREPARE, prepare.run),
-    (api.Stage.BASELINE, baseline.run),
-    (api.Stage.TRAIN, train.run),
-    (api.Stage.EVALUATE, evaluate.run),
-    (api.Stage.MERGE, merge.run),
-    (api.Stage.QUANTIZE, quantize.run),
-    (api.Stage.PUSH, push.run),
+def _always(spec: api.FineTuneJobSpec) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of the flow: what it does, for which specs, and on which processes."""
+
+    stage: api.Stage
+    run: Callable[[RunContext], None]
+    when: Callable[[api.FineTuneJobSpec], bool] = _always
+    # Every rank trains; rank 0 alone evaluates, merges, quantizes, publishes and reports.
+    main_only: bool = False
+    # The node's first process does the work; the others then find every file in place.
+    once_per_node: bool = False
+    # A stage that does not apply still shows in the status and stageSeconds, taking 0s.
+    reported_if_skipped: bool = False
+
+
+STAGES: list[Step] = [
+    Step(api.Stage.FETCH, fetch.run, once_per_node=True),
+    Step(api.Stage.PREPARE, prepare.run),
+    Step(
+        api.Stage.BASELINE,
+        baseline.run,
+        when=lambda spec: spec.evaluation.baseline or spec.evaluation.harness is not None,
+        main_only=True,
+    ),
+    Step(api.Stage.TRAIN, train.run),
+    Step(api.Stage.EVALUATE, evaluate.run, main_only=True),
+    Step(
+        api.Stage.MERGE,
+        merge.run,
+        when=lambda spec: spec.method != api.Method.FULL and spec.export.merge,
+        main_only=True,
+        reported_if_skipped=True,
+    ),
+    Step(
+        api.Stage.QUANTIZE,
+        quantize.run,
+        when=lambda spec: bool(spec.export.quantize),
+        main_only=True,
+        reported_if_skipped=True,
+    ),
+    Step(api.Stage.PUSH, push.run, main_only=True),
 ]
-
-
-# Every rank trains; rank 0 alone evaluates, merges, quantizes, publishes and reports.
-MAIN_ONLY = {api.Stage.BASELINE, api.Stage.EVALUATE, api.Stage.MERGE, api.Stage.QUANTIZE, api.Stage.PUSH}
 
 
 def artifact_root(job: api.FineTuneJob, override: str | None = None) -> StorageURI:
@@ -79,21 +111,18 @@ def execute(
     if distributed.is_main():
         shutil.rmtree(ctx.staging, ignore_errors=True)
     try:
-        for stage, step in STAGES:
-            if stage == api.Stage.BASELINE and not (
-                job.spec.evaluation.baseline or job.spec.evaluation.harness
-            ):
+        for step in STAGES:
+            if step.main_only and not distributed.is_main():
                 continue
-            if stage in MAIN_ONLY and not distributed.is_main():
+            applies = step.when(job.spec)
+            if not (applies or step.reported_if_skipped):
                 continue
-            reporter.stage_started(stage)
+            reporter.stage_started(step.stage)
             started = time.monotonic()
-            if stage == api.Stage.FETCH:
-                _fetch_once_per_node(step, ctx)
-            else:
-                step(ctx)
-            ctx.timings[stage.value] = round(time.monotonic() - started, 2)
-            reporter.stage_finished(stage, ctx.timings[stage.value])
+            if applies:
+                _run(step, ctx)
+            ctx.timings[step.stage.value] = round(time.monotonic() - started, 2)
+            reporter.stage_finished(step.stage, ctx.timings[step.stage.value])
         # No rank ends before rank 0 has published: should rank 0 fail now, every peer fails
         # with it (peer lost) and the whole group restarts, instead of pod 0 waiting alone for
         # peers whose pods already succeeded.
@@ -103,10 +132,12 @@ def execute(
     return ctx
 
 
-def _fetch_once_per_node(step: Stage, ctx: RunContext) -> None:
-    """The node's first process downloads; the others then find every file in place."""
+def _run(step: Step, ctx: RunContext) -> None:
+    if not step.once_per_node:
+        step.run(ctx)
+        return
     if distributed.local_rank() != 0:
         distributed.barrier()
-    step(ctx)
+    step.run(ctx)
     if distributed.local_rank() == 0:
         distributed.barrier()

@@ -24,7 +24,7 @@ def main() -> None:
         timeout = group._get_backend(torch.device("cpu")).options._timeout
         (out / f"timeout{distributed.rank()}.json").write_text(json.dumps(timeout.total_seconds()))
 
-    pipeline.STAGES = [(api.Stage.FETCH, record)]
+    pipeline.STAGES = [pipeline.Step(api.Stage.FETCH, record, once_per_node=True)]
     pipeline.execute(
         job, SilentReporter(), workdir=out / f"work{distributed.rank()}", output=str(out / "artifacts")
     )

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_baseline_runs_with_the_model_on_the_training_device(
         seen.update(p.device for p in ctx.model.parameters())
         raise Stop
 
-    stages = [(s, baseline if s == api.Stage.BASELINE else f) for s, f in pipeline.STAGES]
+    stages = [replace(s, run=baseline) if s.stage == api.Stage.BASELINE else s for s in pipeline.STAGES]
     monkeypatch.setattr(pipeline, "STAGES", stages)
     with pytest.raises(Stop):
         pipeline.execute(

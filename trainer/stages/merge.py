@@ -63,8 +63,6 @@ def agreement(reference: torch.Tensor, candidate: torch.Tensor) -> Agreement:
 
 
 def run(ctx: RunContext) -> None:
-    if ctx.spec.method == api.Method.FULL or not ctx.spec.export.merge:
-        return
     assert ctx.model_source is not None and ctx.data is not None
     spec, target, adapter = ctx.spec, ctx.staging / contract.MERGED, ctx.staging / contract.ADAPTER
     dtype = modeling.compute_dtype(spec.training.precision)
