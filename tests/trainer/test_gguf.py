@@ -169,7 +169,7 @@ def test_the_check_catches_a_wrong_conversion(tmp_path: Path, monkeypatch: pytes
     """Without the rotary un-permutation of q and k the logits are off, and the check says so.
     (A mock of the one step under test: the way to show the check is sensitive to it.)"""
     model = tiny_model(tmp_path / "model", "llama")
-    monkeypatch.setattr(export, "_unpermute", lambda weight, heads: weight)
+    monkeypatch.setattr(export.writer, "_unpermute", lambda weight, heads: weight)
     with pytest.raises(RuntimeError, match=r"llama\.cpp disagrees with the merged model"):
         converted(model, tmp_path)
 
