@@ -94,7 +94,7 @@ def test_parallel_uploads_and_downloads_overlap(s3_server: S3Server, s3_bucket: 
             state["now"] -= 1
 
     # Counted from the request's start to the end of its body (the part task returns).
-    original = store._download_part
+    original = store._downloads._part
 
     def part(*args: Any, **kwargs: Any) -> None:
         before()
@@ -103,7 +103,7 @@ def test_parallel_uploads_and_downloads_overlap(s3_server: S3Server, s3_bucket: 
         finally:
             after()
 
-    store._download_part = part  # type: ignore[method-assign]
+    store._downloads._part = part  # type: ignore[method-assign]
     store.download_prefix(prefix, tmp_path / "back")
     assert 2 <= state["peak"] <= 4
     for i in range(8):

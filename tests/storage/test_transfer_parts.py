@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.storage import _OrderedHasher, _part_ranges, _pwrite_all
+from kubetune.storage.checksums import OrderedHasher
+from kubetune.storage.transfer import part_ranges, pwrite_all
 
 MiB = 1024 * 1024
 
 
 def test_part_ranges_cover_the_file_once() -> None:
-    assert _part_ranges(0, 64 * MiB, 64 * MiB) == [(0, 0)]
-    assert _part_ranges(64 * MiB - 1, 64 * MiB, 64 * MiB) == [(0, 64 * MiB - 1)]
-    ranges = _part_ranges(64 * MiB + 12345, 8 * MiB, 8 * MiB)
+    assert part_ranges(0, 64 * MiB, 64 * MiB) == [(0, 0)]
+    assert part_ranges(64 * MiB - 1, 64 * MiB, 64 * MiB) == [(0, 64 * MiB - 1)]
+    ranges = part_ranges(64 * MiB + 12345, 8 * MiB, 8 * MiB)
     assert len(ranges) == 9 and ranges[0] == (0, 8 * MiB) and ranges[-1] == (64 * MiB, 64 * MiB + 12345)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     # S3 allows 10,000 parts: parts grow for files that would need more.
-    huge = _part_ranges(200_000 * MiB, 8 * MiB, 8 * MiB)
+    huge = part_ranges(200_000 * MiB, 8 * MiB, 8 * MiB)
     assert len(huge) <= 10_000 and huge[-1][1] == 200_000 * MiB
 
 
@@ -36,13 +37,13 @@ def test_blocks_added_in_any_order_hash_like_the_file(tmp_path: Path, seed: int)
     path.write_bytes(b"")
     fd = os.open(path, os.O_RDWR)
     try:
-        hasher = _OrderedHasher(fd)
+        hasher = OrderedHasher(fd)
         lock = threading.Lock()
 
         def worker(share: list[tuple[int, bytes]]) -> None:
             for offset, block in share:
                 with lock:  # the order of writes is random; each block is written before it is added
-                    _pwrite_all(fd, block, offset)
+                    pwrite_all(fd, block, offset)
                 hasher.add(offset, block)
 
         threads = [threading.Thread(target=worker, args=(blocks[i::4],)) for i in range(4)]
@@ -61,7 +62,7 @@ def test_a_gap_stops_the_hash_at_the_gap(tmp_path: Path) -> None:
     path.write_bytes(bytes(3000))
     fd = os.open(path, os.O_RDONLY)
     try:
-        hasher = _OrderedHasher(fd)
+        hasher = OrderedHasher(fd)
         hasher.add(0, bytes(1000))
         hasher.add(2000, bytes(1000))  # 1000-2000 never came
         assert hasher.hashed == 1000
