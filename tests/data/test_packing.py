@@ -227,6 +227,13 @@ def test_padding_free_batch_has_the_padded_batch_loss_and_gradients(
     assert padded_grads.keys() == flat_grads.keys() and len(padded_grads) == len(list(model.parameters()))
     for name, grad in padded_grads.items():
         torch.testing.assert_close(flat_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the row as the train stage sends it, padded to a multiple of 64 with a block of its own
+    rounded = PackedCollator(pad_token_id=0, flatten=True, pad_to_multiple_of=64)(examples)
+    assert rounded["input_ids"].shape == (1, 64) and flat["input_ids"].shape[1] < 64
+    rounded_loss, rounded_grads = loss_and_gradients(model, rounded)
+    torch.testing.assert_close(rounded_loss, padded_loss)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(rounded_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     # the control: without restarting positions the examples see each other and the gradients move
     _, leaky = loss_and_gradients(
         model, {**flat, "position_ids": torch.arange(flat["input_ids"].shape[1])[None]}
