@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from kubetune.storage import is_s3_uri
 from kubetune.trainer.data.errors import DataError
 from kubetune.trainer.data.formats import Segment
 from kubetune.trainer.data.prepare import LengthStats, load, render, tokenize
@@ -32,7 +33,7 @@ def run_inspect(
 ) -> int:
     """Print format, counts, length statistics and rendered examples; 1 on bad data."""
     try:
-        if path.startswith("s3://"):
+        if is_s3_uri(path):
             with tempfile.TemporaryDirectory(prefix="kubetune-inspect-") as scratch:
                 local = _download(path, Path(scratch))
                 return _inspect(local, path, fmt, examples, model, max_seq_length, console)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubetune.storage import is_s3_uri
 from kubetune.trainer.data.errors import DataError
 
 Row = dict[str, Any]
@@ -53,7 +54,7 @@ def load_rows(path: str | Path) -> Rows:
     ``s3://`` is not read here: the trainer's fetch stage downloads it to a local file first.
     """
     uri = str(path)
-    if uri.startswith("s3://"):
+    if is_s3_uri(uri):
         raise DataError(
             "s3:// data is downloaded by the trainer's fetch stage; give the local file here", source=uri
         )

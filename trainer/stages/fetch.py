@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune.storage import parse_uri
+from kubetune.storage import is_s3_uri, parse_uri
 from kubetune.trainer import presets
 from kubetune.trainer.context import RunContext
 
@@ -28,7 +28,7 @@ def run(ctx: RunContext) -> None:
 
 def _local(ctx: RunContext, uri: str, into: str, *, prefix: bool = False) -> str:
     """s3:// objects are downloaded (unchanged files are kept); anything else is read in place."""
-    if not uri.startswith("s3://"):
+    if not is_s3_uri(uri):
         return uri
     source = parse_uri(uri)
     if prefix:
