@@ -7,6 +7,11 @@ Binaries are looked up per name in this order:
 2. ``$KUBEBUILDER_ASSETS/<name>``;
 3. the project cache ``${XDG_CACHE_HOME:-~/.cache}/kubetune/assets/<version>/<name>``;
 4. otherwise ``hack/build-test-assets`` builds them into that cache.
+
+Kueue (opt-in) is looked up the same way as ``kueue``: ``TEST_ASSET_KUEUE``, then
+``$KUBEBUILDER_ASSETS/kueue``, then ``<cache>/kubetune/assets/kueue-<version>/kueue``, else
+``hack/build-kueue`` builds it there. Its CRDs (``crds/``) and webhook manifests
+(``webhooks.yaml``) are read from beside the binary when they are there, else from that cache.
 """
 
 from __future__ import annotations
@@ -39,8 +44,14 @@ BINARY_NAMES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 FAKE_NODE_BINARY_NAMES = ("kube-scheduler", "kwok")
 """Only needed for fake nodes."""
 
+KUEUE_VERSION = "v0.13.10"
+"""The version ``hack/build-kueue`` builds: the newest Kueue on the k8s.io v0.33 libraries."""
+
+KUEUE_ENV_VAR = "TEST_ASSET_KUEUE"
+
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = _REPO_ROOT / "hack" / "build-test-assets"
+KUEUE_BUILD_SCRIPT = _REPO_ROOT / "hack" / "build-kueue"
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,15 @@ class FakeNodeBinaries:
 
     def as_dict(self) -> dict[str, Path]:
         return {"kube-scheduler": self.kube_scheduler, "kwok": self.kwok}
+
+
+@dataclass(frozen=True)
+class KueueAssets:
+    """Kueue's controller manager, the directory of its CRDs and its webhook manifests."""
+
+    binary: Path
+    crds: Path
+    webhooks: Path
 
 
 def assets_cache_dir(version: str = KUBERNETES_VERSION) -> Path:
@@ -97,22 +117,23 @@ def locate_binary(name: str) -> Path | None:
     return next((path for path in candidates if _is_executable(path)), None)
 
 
-def _build_command(*args: str) -> str:
-    script = BUILD_SCRIPT.relative_to(Path.cwd()) if BUILD_SCRIPT.is_relative_to(Path.cwd()) else BUILD_SCRIPT
-    return " ".join([str(script), *args])
+def _build_command(*args: str, script: Path = BUILD_SCRIPT) -> str:
+    shown = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    return " ".join([str(shown), *args])
 
 
-def build_assets(*args: str, output: IO[str] | None = None) -> None:
-    """Run ``hack/build-test-assets`` with ``args`` (it builds only what is missing)."""
-    if not BUILD_SCRIPT.is_file():
+def build_assets(*args: str, output: IO[str] | None = None, script: Path = BUILD_SCRIPT) -> None:
+    """Run ``hack/build-test-assets`` (or another build ``script``) with ``args``; it builds
+    only what is missing."""
+    if not script.is_file():
         raise ControlPlaneError(
-            f"control plane binaries are missing and {BUILD_SCRIPT} is not there to build them; "
+            f"control plane binaries are missing and {script} is not there to build them; "
             f"set KUBEBUILDER_ASSETS or TEST_ASSET_* to existing binaries "
-            f"(Kubernetes {KUBERNETES_VERSION})"
+            f"(Kubernetes {KUBERNETES_VERSION}, Kueue {KUEUE_VERSION})"
         )
     stream = output if output is not None else sys.__stderr__
     result = subprocess.run(
-        [str(BUILD_SCRIPT), *args],
+        [str(script), *args],
         stdout=stream,
         stderr=stream,
         stdin=subprocess.DEVNULL,
@@ -120,7 +141,8 @@ def build_assets(*args: str, output: IO[str] | None = None) -> None:
     )
     if result.returncode != 0:
         raise ControlPlaneError(
-            f"`{_build_command(*args)}` failed with exit code {result.returncode}; run it by hand to see why"
+            f"`{_build_command(*args, script=script)}` failed with exit code {result.returncode}; "
+            "run it by hand to see why"
         )
 
 
@@ -158,3 +180,52 @@ def find_fake_node_binaries(*, build: bool = True) -> FakeNodeBinaries:
     """Find kube-scheduler and kwok like :func:`find_binaries`."""
     paths = _find(FAKE_NODE_BINARY_NAMES, build=build)
     return FakeNodeBinaries(kube_scheduler=paths["kube-scheduler"], kwok=paths["kwok"])
+
+
+def kueue_cache_dir(version: str = KUEUE_VERSION) -> Path:
+    return assets_cache_dir(f"kueue-{version}")
+
+
+def _kueue_manifests(directory: Path) -> tuple[Path, Path] | None:
+    crds, webhooks = directory / "crds", directory / "webhooks.yaml"
+    return (crds, webhooks) if crds.is_dir() and webhooks.is_file() else None
+
+
+def locate_kueue() -> KueueAssets | None:
+    """Kueue's binary and manifests found without building (see the module docstring), or
+    None. ``TEST_ASSET_KUEUE`` naming a missing file is an error."""
+    explicit = os.environ.get(KUEUE_ENV_VAR)
+    binary: Path | None
+    if explicit:
+        binary = Path(explicit)
+        if not _is_executable(binary):
+            raise ControlPlaneError(f"{KUEUE_ENV_VAR}={explicit} is not an executable file")
+    else:
+        candidates = []
+        kubebuilder_assets = os.environ.get("KUBEBUILDER_ASSETS")
+        if kubebuilder_assets:
+            candidates.append(Path(kubebuilder_assets) / "kueue")
+        candidates.append(kueue_cache_dir() / "kueue")
+        binary = next((path for path in candidates if _is_executable(path)), None)
+    if binary is None:
+        return None
+    manifests = _kueue_manifests(binary.parent) or _kueue_manifests(kueue_cache_dir())
+    if manifests is None:
+        return None
+    return KueueAssets(binary=binary, crds=manifests[0], webhooks=manifests[1])
+
+
+def find_kueue(*, build: bool = True) -> KueueAssets:
+    """Find Kueue like :func:`locate_kueue`; build it with ``hack/build-kueue`` when missing
+    and ``build`` is true."""
+    found = locate_kueue()
+    if found is None and build:
+        build_assets(script=KUEUE_BUILD_SCRIPT)
+        found = locate_kueue()
+    if found is None:
+        raise ControlPlaneError(
+            f"Kueue not found. Run `{_build_command(script=KUEUE_BUILD_SCRIPT)}` (builds Kueue "
+            f"{KUEUE_VERSION} with its CRDs into {kueue_cache_dir()}), or point {KUEUE_ENV_VAR} "
+            "at an existing binary."
+        )
+    return found

@@ -1,7 +1,7 @@
 """The command line of the test control plane (used by ``hack/dev-cluster``)::
 
-python -m kubetune.testing.controlplane assets            # print binaries, build if missing
-python -m kubetune.testing.controlplane serve --dir DIR   # run until SIGTERM
+python -m kubetune.testing.controlplane assets [--kueue]            # print binaries, build if missing
+python -m kubetune.testing.controlplane serve --dir DIR [--kueue]   # run until SIGTERM
 """
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ from pathlib import Path
 from kubetune.testing import controlplane as package
 
 from . import assets
-from .assets import find_binaries, find_fake_node_binaries
+from .assets import find_binaries, find_fake_node_binaries, find_kueue
 from .components import FakeNode
 from .errors import ControlPlaneError
 from .plane import ControlPlane
 from .processes import serve_until_signal
 
 
-def _serve(work_dir: Path, controller_manager: bool, crds: Sequence[Path], fake_nodes: int) -> int:
+def _serve(
+    work_dir: Path, controller_manager: bool, crds: Sequence[Path], fake_nodes: int, kueue: bool
+) -> int:
     nodes = [FakeNode(f"fake-gpu-{index}", gpus=8) for index in range(fake_nodes)]
     plane = ControlPlane(
-        controller_manager=controller_manager, work_dir=work_dir, crds=crds, fake_nodes=nodes
+        controller_manager=controller_manager, work_dir=work_dir, crds=crds, fake_nodes=nodes, kueue=kueue
     )
     return serve_until_signal(
         plane,
@@ -48,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     locate = commands.add_parser("assets", help="print where the binaries are, building them if missing")
     locate.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
+    locate.add_argument("--kueue", action="store_true", help="Kueue too")
     serve = commands.add_parser("serve", help="run a control plane in the foreground until SIGTERM or Ctrl-C")
     serve.add_argument(
         "--dir", type=Path, required=True, help="work directory (kubeconfig, logs, certificates)"
@@ -70,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--no-controller-manager", action="store_true", help="run only etcd and kube-apiserver"
     )
+    serve.add_argument(
+        "--kueue", action="store_true", help="run Kueue too (Jobs only), with its CRDs and webhooks"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "assets":
@@ -77,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **find_binaries(build=not args.no_build).as_dict(),
                 **find_fake_node_binaries(build=not args.no_build).as_dict(),
             }
+            if args.kueue:
+                binaries["kueue"] = find_kueue(build=not args.no_build).binary
             for name, path in binaries.items():
                 print(f"{name}\t{path}")
             return 0
@@ -85,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             controller_manager=not args.no_controller_manager,
             crds=args.crds,
             fake_nodes=args.fake_nodes,
+            kueue=args.kueue,
         )
     except ControlPlaneError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,13 +26,19 @@ class FakeNode:
     name: str
     cpu: str = "32"
     memory: str = "256Gi"
+    ephemeral_storage: str = "1Ti"
     gpus: int = 0
     pods: int = 110
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: Sequence[Mapping[str, str]] = ()
 
     def manifest(self) -> dict[str, Any]:
-        resources = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods)}
+        resources = {
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "ephemeral-storage": self.ephemeral_storage,
+            "pods": str(self.pods),
+        }
         if self.gpus:
             resources["nvidia.com/gpu"] = str(self.gpus)
         return {
@@ -153,9 +159,80 @@ def scheduler_command(binary: Path, *, kubeconfig: Path, port: int, serving: Cre
     ]
 
 
-def kwok_command(binary: Path, *, kubeconfig: Path, port: int) -> list[str]:
+# kwok's "fast" pod stages (sigs.k8s.io/kwok kustomize/stage/pod/fast) without pod-complete:
+# any Pod stage in --config replaces all of kwok's default Pod stages.
+KWOK_POD_STAGES_WITHOUT_COMPLETION = """\
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: pod-ready
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.podIP'
+      operator: 'DoesNotExist'
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      conditions:
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Initialized
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Ready
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: ContainersReady
+      {{ range .spec.readinessGates }}
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: {{ .conditionType | Quote }}
+      {{ end }}
+      containerStatuses:
+      {{ range .spec.containers }}
+      - image: {{ .image | Quote }}
+        name: {{ .name | Quote }}
+        ready: true
+        restartCount: 0
+        state:
+          running:
+            startedAt: {{ $now | Quote }}
+      {{ end }}
+      hostIP: {{ NodeIPWith .spec.nodeName | Quote }}
+      podIP: {{ PodIPWith .spec.nodeName ( or .spec.hostNetwork false ) ( or .metadata.uid "" ) \
+      ( or .metadata.name "" ) ( or .metadata.namespace "" ) | Quote }}
+      phase: Running
+      startTime: {{ $now | Quote }}
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: pod-delete
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'Exists'
+  next:
+    finalizers:
+      empty: true
+    delete: true
+"""
+
+
+def kwok_command(binary: Path, *, kubeconfig: Path, port: int, config: Path | None = None) -> list[str]:
     return [
         str(binary),
+        *([f"--config={config}"] if config else []),
         f"--kubeconfig={kubeconfig}",
         "--manage-all-nodes=false",
         f"--manage-nodes-with-annotation-selector={FakeNode.ANNOTATION}=fake",

@@ -1,9 +1,10 @@
 """The test control plane: etcd, kube-apiserver and, optionally, kube-controller-manager,
-plus kube-scheduler and kwok for fake nodes, on free loopback ports, started from local
-binaries (see :mod:`.assets`) the way envtest does it."""
+plus kube-scheduler and kwok for fake nodes, and Kueue, on free loopback ports, started from
+local binaries (see :mod:`.assets`) the way envtest does it."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import ssl
 import subprocess
@@ -12,10 +13,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+import yaml
 from kubernetes import client as k8s
 
-from . import components
-from .assets import Binaries, FakeNodeBinaries, find_binaries, find_fake_node_binaries
+from . import components, kueue
+from .assets import (
+    Binaries,
+    FakeNodeBinaries,
+    KueueAssets,
+    find_binaries,
+    find_fake_node_binaries,
+    find_kueue,
+)
 from .components import SERVICE_ACCOUNT_ISSUER, FakeNode
 from .crds import CrdSource, install_crds
 from .errors import ControlPlaneError
@@ -41,6 +50,13 @@ class ControlPlane:
     Without the controller manager nothing creates the ``default`` ServiceAccount of a
     namespace, so the ServiceAccount admission plugin is turned off then; with it the
     API server admits Pods exactly as a cluster does.
+
+    kwok completes a Job's Pods as soon as they run; with ``fake_job_pods_complete=False``
+    they run until a test ends them (writing their status as a kubelet would) or they are
+    deleted, which preemption and deletion tests need.
+
+    With ``kueue`` Kueue's controller manager runs too (Jobs only, see :mod:`.kueue`), its
+    CRDs installed and its webhooks registered; it needs the controller manager.
     """
 
     def __init__(
@@ -55,9 +71,19 @@ class ControlPlane:
         apiserver_args: Sequence[str] = (),
         controller_manager_args: Sequence[str] = (),
         scheduler: bool = False,
+        fake_job_pods_complete: bool = True,
+        kueue: bool = False,
+        kueue_assets: KueueAssets | None = None,
     ) -> None:
+        if kueue and not controller_manager:
+            raise ControlPlaneError(
+                "Kueue needs the controller manager (its Jobs are run by the Job controller)"
+            )
         self.controller_manager = controller_manager
+        self.kueue = kueue
+        self._kueue_assets = kueue_assets
         self.fake_nodes = list(fake_nodes)
+        self.fake_job_pods_complete = fake_job_pods_complete
         # A scheduler for real nodes, which join later (kwok runs too, idle without fake nodes).
         self.scheduler = scheduler or bool(self.fake_nodes)
         self._given_work_dir = Path(work_dir).resolve() if work_dir is not None else None
@@ -98,6 +124,8 @@ class ControlPlane:
         self._binaries = binaries
         # Found (or built) before anything starts, not while the rest waits.
         fake_node_binaries = find_fake_node_binaries() if self.scheduler else None
+        if self.kueue and self._kueue_assets is None:
+            self._kueue_assets = find_kueue()
         for attempt in range(3):
             try:
                 self._start_once(binaries, fake_node_binaries)
@@ -176,13 +204,16 @@ class ControlPlane:
         )
         self._server = server
         write_kubeconfig(self.kubeconfig_path, server, pki.ca.cert, ADMIN_USER, self._admin)
-        if self.crds:
-            self.install_crds(*self.crds, timeout=self.startup_timeout)
+        crds = [*self.crds, *([self._kueue_assets.crds] if self.kueue and self._kueue_assets else [])]
+        if crds:
+            self.install_crds(*crds, timeout=self.startup_timeout)
 
         if self.controller_manager:
             self._start_controller_manager(binaries, serving, [etcd, apiserver])
         if fake_node_binaries is not None:
             self._start_fake_nodes(fake_node_binaries, serving)
+        if self.kueue and self._kueue_assets is not None:
+            self._start_kueue(self._kueue_assets)
 
     def _start_controller_manager(
         self, binaries: Binaries, serving: Credential, running: list[Process]
@@ -254,8 +285,15 @@ class ControlPlane:
         kwok_kubeconfig = work_dir / "kwok.kubeconfig"
         write_kubeconfig(kwok_kubeconfig, self._server, pki.ca.cert, "kwok", kwok_credential)
         kwok_port = free_port()
+        kwok_config = None
+        if not self.fake_job_pods_complete:
+            kwok_config = work_dir / "kwok-stages.yaml"
+            kwok_config.write_text(components.KWOK_POD_STAGES_WITHOUT_COMPLETION)
         self._spawn(
-            "kwok", components.kwok_command(binaries.kwok, kubeconfig=kwok_kubeconfig, port=kwok_port)
+            "kwok",
+            components.kwok_command(
+                binaries.kwok, kubeconfig=kwok_kubeconfig, port=kwok_port, config=kwok_config
+            ),
         )
         context = ssl.create_default_context(cafile=str(pki.ca.cert))
         wait_until(
@@ -272,6 +310,101 @@ class ControlPlane:
         )
         for node in self.fake_nodes:
             self.add_fake_node(node)
+
+    def _start_kueue(self, assets: KueueAssets) -> None:
+        assert self._pki is not None and self._server is not None
+        pki, work_dir = self._pki, self.work_dir
+        cert_dir = work_dir / "kueue-certs"
+        cert_dir.mkdir(exist_ok=True)
+        # Kueue's ClusterRole spans most of the API; in a throwaway cluster an admin is simpler.
+        credential = pki.cluster.issue("kueue", "kueue", organization="system:masters")
+        kubeconfig = work_dir / "kueue.kubeconfig"
+        write_kubeconfig(kubeconfig, self._server, pki.ca.cert, "kueue", credential)
+        webhook_port, metrics_port, health_port = free_port(), free_port(), free_port()
+        config = work_dir / "kueue-config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                kueue.configuration(
+                    webhook_port=webhook_port,
+                    cert_dir=cert_dir,
+                    metrics_port=metrics_port,
+                    health_port=health_port,
+                ),
+                sort_keys=False,
+            )
+        )
+        secret = kueue.webhook_secret()
+        # Where a kubelet would mount the Secret: Kueue waits for the files, its webhook
+        # server serves them.
+        for name, value in secret["data"].items():
+            path = cert_dir / name
+            path.write_bytes(base64.b64decode(value))
+            path.chmod(0o600)
+        # Kueue's certificate rotator only reports ready once it has put the CA into these
+        # configurations, so they exist before it starts.
+        configurations = kueue.webhook_configurations(
+            assets.webhooks, url=f"https://127.0.0.1:{webhook_port}", ca_bundle=secret["data"]["ca.crt"]
+        )
+        with self.admin_api_client() as api:
+            core = k8s.CoreV1Api(api)
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=kueue.KUEUE_NAMESPACE)))
+            secret_body = k8s.V1Secret.from_dict(secret)
+            assert secret_body is not None
+            core.create_namespaced_secret(kueue.KUEUE_NAMESPACE, secret_body)
+            admission = k8s.AdmissionregistrationV1Api(api)
+            for body in configurations:
+                if body["kind"] == "MutatingWebhookConfiguration":
+                    mutating = k8s.V1MutatingWebhookConfiguration.from_dict(body)
+                    assert mutating is not None
+                    admission.create_mutating_webhook_configuration(mutating)
+                else:
+                    validating = k8s.V1ValidatingWebhookConfiguration.from_dict(body)
+                    assert validating is not None
+                    admission.create_validating_webhook_configuration(validating)
+        self._spawn("kueue", kueue.command(assets.binary, config=config, kubeconfig=kubeconfig))
+        wait_until(
+            lambda: http_ok(f"http://127.0.0.1:{health_port}/readyz", expect="ok"),
+            what="kueue /readyz",
+            timeout=self.startup_timeout,
+            processes=self._processes,
+        )
+        with self.admin_api_client() as api:
+            batch = k8s.BatchV1Api(api)
+            probe = k8s.V1Job.from_dict(
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": {
+                        "name": "kueue-webhook-probe",
+                        "labels": {"kueue.x-k8s.io/queue-name": "probe"},
+                    },
+                    "spec": {
+                        "template": {
+                            "spec": {
+                                "restartPolicy": "Never",
+                                "containers": [{"name": "probe", "image": "probe"}],
+                            }
+                        }
+                    },
+                }
+            )
+            assert probe is not None
+
+            # The API server picks up new webhook configurations asynchronously; Kueue's
+            # Job webhook suspends a queued Job, so a dry run shows when it is in effect.
+            def webhook_in_effect() -> bool:
+                try:
+                    job = batch.create_namespaced_job("default", probe, dry_run="All")
+                except k8s.ApiException:
+                    return False
+                return bool(job.spec and job.spec.suspend)
+
+            wait_until(
+                webhook_in_effect,
+                what="Kueue's Job webhook to be in effect",
+                timeout=self.startup_timeout,
+                processes=self._processes,
+            )
 
     def add_fake_node(self, node: FakeNode, *, timeout: float = 60.0) -> None:
         """Register a node that kwok keeps Ready and whose Pods it runs: Running once
