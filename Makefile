@@ -7,6 +7,6 @@ quickstart:  ## Fine-tune the embedded default model on this machine (offline, C
 test:  ## Lint, type-check and run every test (builds the test control plane once).
 	hack/test
 
-crd:  ## Regenerate the CRD (and the chart's copy) from kubetune/api.py.
+crd:  ## Regenerate the CRD (and the chart's copy) from kubetune/api/.
 	.venv/bin/kubetune crd > crds/finetunejob.yaml
 	cp crds/finetunejob.yaml charts/kubetune/crds/finetunejob.yaml
