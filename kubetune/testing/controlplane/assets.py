@@ -117,14 +117,16 @@ def locate_binary(name: str) -> Path | None:
     return next((path for path in candidates if _is_executable(path)), None)
 
 
-def _build_command(*args: str, script: Path = BUILD_SCRIPT) -> str:
+def _build_command(*args: str, script: Path | None = None) -> str:
+    script = script or BUILD_SCRIPT
     shown = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
     return " ".join([str(shown), *args])
 
 
-def build_assets(*args: str, output: IO[str] | None = None, script: Path = BUILD_SCRIPT) -> None:
+def build_assets(*args: str, output: IO[str] | None = None, script: Path | None = None) -> None:
     """Run ``hack/build-test-assets`` (or another build ``script``) with ``args``; it builds
     only what is missing."""
+    script = script or BUILD_SCRIPT
     if not script.is_file():
         raise ControlPlaneError(
             f"control plane binaries are missing and {script} is not there to build them; "
