@@ -43,8 +43,11 @@ def plan_files(
 
 
 def _store(spec: api.FineTuneJobSpec, online: bool) -> Any:
-    if not online or not (spec.model.uri or "").startswith("s3://"):
+    if not online:
         return None
-    from kubetune.storage import ObjectStore, StorageConfig
+    from kubetune.storage import ObjectStore, StorageConfig, is_s3_uri
+
+    if not is_s3_uri(spec.model.uri):
+        return None
 
     return ObjectStore(StorageConfig(endpoint=spec.storage.endpoint, region=spec.storage.region))
