@@ -47,7 +47,7 @@ def _store(spec: api.FineTuneJobSpec, online: bool) -> Any:
         return None
     from kubetune.storage import ObjectStore, StorageConfig, is_s3_uri
 
-    if not is_s3_uri(spec.model.uri):
+    if not spec.model.uri or not is_s3_uri(spec.model.uri):
         return None
 
     return ObjectStore(StorageConfig(endpoint=spec.storage.endpoint, region=spec.storage.region))
