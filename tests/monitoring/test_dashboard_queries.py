@@ -13,18 +13,13 @@ sees the trained one finish; a third job stays suspended.
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +35,7 @@ from kubetune.testing.prometheus import Binaries, PrometheusServer, ScrapeJob, S
 from kubetune.testing.s3 import S3Server
 
 from ..chart.test_dashboard import dashboard, queries
-from ..operator.test_trainer_pod import finetunejob, kubeconfig, s3_secret, status_in_phase, trainer_pod
+from ..operator.test_trainer_pod import finetunejob, run_pod, s3_secret, status_in_phase, trainer_pod
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.s3, pytest.mark.training]
 
@@ -71,50 +66,6 @@ class Run:
     end: float
     status: dict[str, Any]
     history: list[dict[str, float]]  # the trainer's log, from the metrics.json it published
-
-
-def run_pod_with_metrics(
-    plane: ControlPlane, kube: Kube, client: ApiClient, pod: dict[str, Any], root: Path, metrics_port: int
-) -> tuple[int, str]:
-    """A kubelet's work for ``pod``, as in tests/operator/test_trainer_pod.py, with the
-    trainer's /metrics served on ``metrics_port``."""
-    ns = pod["metadata"]["namespace"]
-    [container] = pod["spec"]["containers"]
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    paths: dict[str, Path] = {}
-    for volume in pod["spec"]["volumes"]:
-        directory = root / volume["name"]
-        directory.mkdir(parents=True)
-        if "configMap" in volume:
-            config_map = kube.get("ConfigMap", ns, volume["configMap"]["name"])
-            assert config_map is not None
-            for key, value in config_map["data"].items():
-                (directory / key).write_text(value)
-        if mounts.get(volume["name"]) not in (None, "/tmp"):
-            paths[mounts[volume["name"]]] = directory
-
-    def local(value: str) -> str:
-        for mount, path in paths.items():
-            value = value.replace(mount, str(path))
-        return value
-
-    env = {"PATH": os.environ["PATH"]}
-    for source in container.get("envFrom", []):
-        secret = kube.request("GET", f"/api/v1/namespaces/{ns}/secrets/{source['secretRef']['name']}")
-        env |= {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    for var in container["env"]:
-        if "value" in var:
-            env[var["name"]] = local(var["value"])
-    token = plane.service_account_token(pod["spec"]["serviceAccountName"], ns)
-    env["KUBECONFIG"] = str(kubeconfig(plane, token, root / "kubeconfig"))
-    env["KUBETUNE_WORKDIR"] = str(root / "work")
-    env["KUBETUNE_METRICS_PORT"] = str(metrics_port)
-    env["KUBETUNE_STATUS_INTERVAL"] = "0.5"
-    command = [sys.executable, "-m", "kubetune", *map(local, container["command"][1:])]
-    set_pod_running(client, pod)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    set_pod_finished(client, kube.get("Pod", ns, pod["metadata"]["name"]) or pod, done.returncode)
-    return done.returncode, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +130,8 @@ def run(
             trained["spec"]["training"]["evalEvery"] = 5  # validation loss during training
             kube.create(trained)
             pod = trainer_pod(kube, ns, TRAINED)
-            code, output = run_pod_with_metrics(
-                control_plane, kube, control_plane_api_client, pod, root / "pod", trainer_port
+            code, output = run_pod(
+                control_plane, kube, control_plane_api_client, pod, root / "pod", metrics_port=trainer_port
             )
             assert code == 0, output
             status = status_in_phase(kube, ns, TRAINED, "Succeeded")

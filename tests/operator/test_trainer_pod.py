@@ -122,9 +122,16 @@ def kubeconfig(plane: ControlPlane, token: str, path: Path) -> Path:
 
 
 def run_pod(
-    plane: ControlPlane, kube: Kube, client: ApiClient, pod: dict[str, Any], root: Path
+    plane: ControlPlane,
+    kube: Kube,
+    client: ApiClient,
+    pod: dict[str, Any],
+    root: Path,
+    *,
+    metrics_port: int = 0,
 ) -> tuple[int, str]:
-    """Do a kubelet's work for `pod`; returns the container's exit code and output."""
+    """Do a kubelet's work for `pod`; returns the container's exit code and output. The
+    trainer serves /metrics on ``metrics_port`` (0: not at all)."""
     ns = pod["metadata"]["namespace"]
     [container] = pod["spec"]["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -155,7 +162,7 @@ def run_pod(
     token = plane.service_account_token(pod["spec"]["serviceAccountName"], ns)
     env["KUBECONFIG"] = str(kubeconfig(plane, token, root / "kubeconfig"))
     env["KUBETUNE_WORKDIR"] = str(root / "work")
-    env["KUBETUNE_METRICS_PORT"] = "0"
+    env["KUBETUNE_METRICS_PORT"] = str(metrics_port)
     env["KUBETUNE_STATUS_INTERVAL"] = "0.5"
     command = [sys.executable, "-m", "kubetune", *map(local, container["command"][1:])]
     set_pod_running(client, pod)
