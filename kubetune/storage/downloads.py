@@ -28,8 +28,10 @@ from kubetune.storage.uri import parse_uri
 
 log = logging.getLogger(__name__)
 
-# Read size of a download stream; large reads keep the per-byte Python overhead small.
-_STREAM_BLOCK = 4 * MiB
+# Read and write size of a download stream: large enough that Python's per-block overhead is
+# small, small enough that each pwrite stays fast in the page cache (4 MiB writes measured 3-8x
+# slower in the kernel's copy into the page cache than 1 MiB ones on the benchmark's VM).
+_STREAM_BLOCK = 1 * MiB
 
 
 class _BodyReader:
