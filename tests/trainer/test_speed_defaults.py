@@ -248,7 +248,11 @@ def test_unpacked_batches_are_padding_free_and_packing_changes_composition(tmp_p
     assert layout.startswith("padding-free")
     assert any(line.startswith("train: ") and "batches padding-free" in line for line in recorder.lines)
     batch = collator(train_set[:8])
-    assert batch["input_ids"].shape == (1, sum(len(e) for e in train_set[:8]))  # no padding at all
+    tokens = sum(len(e) for e in train_set[:8])
+    width = -(-tokens // train_stage.ROW_MULTIPLE) * train_stage.ROW_MULTIPLE
+    assert batch["input_ids"].shape == (1, width)  # one row, only rounded up to the multiple
+    assert (batch["labels"][0, tokens:] == -100).all()  # the rounding trains on nothing
+    assert batch["position_ids"][0, tokens:].tolist() == list(range(width - tokens))  # a block of its own
     assert "attention_mask" not in batch
 
     packed = execute(
