@@ -19,7 +19,7 @@ from kubernetes.client import Configuration
 
 from kubetune import api
 
-from . import planning
+from . import planning, workload
 from .metrics import Metrics
 from .reconcile import Reconciler, Result
 
@@ -29,6 +29,8 @@ REGISTRY = kopf.OperatorRegistry()
 FINETUNEJOBS = (api.GROUP, api.VERSION, api.PLURAL)
 MANAGED = {planning.LABEL_MANAGED_BY: planning.MANAGER}
 MANAGED_SELECTOR = f"{planning.LABEL_MANAGED_BY}={planning.MANAGER}"
+# Watched where Kueue is installed when the operator starts; elsewhere kopf leaves it out.
+KUEUE_WORKLOADS = ("kueue.x-k8s.io", "workloads")
 RETRY_BACKOFF = 5.0
 MAX_RETRY_DELAY = 60.0
 
@@ -48,6 +50,9 @@ class Controller:
     # resourceVersion of each trainer Job a reconciliation created; only the event loop's thread
     # touches it (the reconciler's thread reports through call_soon_threadsafe).
     _created_jobs: dict[Key, str] = field(default_factory=dict)
+    # Kueue's reason for holding each trainer Job back, by the Job's uid, and whose Job it is.
+    _kueue_waits: dict[str, str] = field(default_factory=dict)
+    _job_keys: dict[str, Key] = field(default_factory=dict)
     reconciliations: int = 0
 
     async def reconcile(self, namespace: str, name: str) -> Result:
@@ -59,6 +64,8 @@ class Controller:
             loop.call_soon_threadsafe(self._created_jobs.__setitem__, key, version)
 
         async with lock:
+            last_job = self._last_jobs.get(key)
+            kueue_wait = self._kueue_waits.get(_uid(last_job)) if last_job else None
             self.reconciliations += 1
             self.metrics.reconcile_total.inc()
             with self.metrics.reconcile_duration.time():
@@ -67,8 +74,9 @@ class Controller:
                         self.reconciler.reconcile,
                         namespace,
                         name,
-                        last_seen_job=self._last_jobs.get(key),
+                        last_seen_job=last_job,
                         job_created=job_created,
+                        kueue_wait=kueue_wait,
                     )
                 except Exception:
                     self.metrics.reconcile_errors.inc()
@@ -79,8 +87,25 @@ class Controller:
         watch echoing the create), which needs no reconciliation of its own."""
         key = (namespace, name)
         self._last_jobs[key] = copy.deepcopy(dict(job))
+        self._job_keys[_uid(job)] = key
         version = (job.get("metadata") or {}).get("resourceVersion")
-        return self._created_jobs.pop(key, None) != version
+        # An echo still matters when Kueue spoke of the Job before its watch event came.
+        return self._created_jobs.pop(key, None) != version or _uid(job) in self._kueue_waits
+
+    def saw_workload(self, body: Mapping[str, Any], *, deleted: bool = False) -> Key | None:
+        """Remembers Kueue's reason for holding a trainer Job back; the FineTuneJob to
+        reconcile when that reason changed and its Job is known."""
+        uid = workload.kueue_job_uid(body)
+        if uid is None:
+            return None
+        wait = None if deleted else workload.kueue_wait(body)
+        if wait == self._kueue_waits.get(uid):
+            return None
+        if wait is None:
+            self._kueue_waits.pop(uid, None)
+        else:
+            self._kueue_waits[uid] = wait
+        return self._job_keys.get(uid)
 
     def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
         key = (namespace, name)
@@ -113,8 +138,11 @@ class Controller:
 
     def forget(self, namespace: str, name: str) -> None:
         self._locks.pop((namespace, name), None)
-        self._last_jobs.pop((namespace, name), None)
+        job = self._last_jobs.pop((namespace, name), None)
         self._created_jobs.pop((namespace, name), None)
+        if job is not None:
+            self._job_keys.pop(_uid(job), None)
+            self._kueue_waits.pop(_uid(job), None)
 
     async def close(self) -> None:
         workers = list(self._workers.values())
@@ -151,6 +179,10 @@ class Runtime:
 def _runtime(memo: Any) -> Runtime:
     runtime: Runtime = memo["kubetune"]
     return runtime
+
+
+def _uid(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("uid") or "")
 
 
 def owner_name(body: Mapping[str, Any]) -> str | None:
@@ -208,3 +240,12 @@ async def trainer_pod_changed(body: kopf.Body, namespace: str | None, memo: Any,
     owner = owner_name(body)
     if owner and namespace:
         _runtime(memo).controller.kick(namespace, owner)
+
+
+@kopf.on.event(KUEUE_WORKLOADS[0], KUEUE_WORKLOADS[1], registry=REGISTRY)
+async def kueue_workload_changed(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Kueue's Workloads: why a queued trainer Job is not admitted yet, for the status."""
+    controller = _runtime(memo).controller
+    key = controller.saw_workload(body, deleted=type == "DELETED")
+    if key is not None:
+        controller.kick(*key)

@@ -138,8 +138,10 @@ def assess(
     status: Mapping[str, Any],
     job_name: str,
     conflict: str | None = None,
+    kueue_wait: str | None = None,
 ) -> Assessment:
-    """The phase, a CamelCase reason and a message, from the Job and its pods."""
+    """The phase, a CamelCase reason and a message, from the Job and its pods (and Kueue's
+    reason for holding the Job back, where a Kueue Workload gives one)."""
     if conflict:
         return Assessment(PENDING, "NameConflict", conflict)
     if job is None:
@@ -182,8 +184,9 @@ def assess(
         if spec.suspend:
             return Assessment(SUSPENDED, "Suspended", "suspended (spec.suspend is true)")
         if spec.scheduling.queue_name:
+            why = f": {kueue_wait}" if kueue_wait else ""
             return Assessment(
-                PENDING, "Queued", f"waiting for admission to Kueue queue {spec.scheduling.queue_name}"
+                PENDING, "Queued", f"waiting for admission to Kueue queue {spec.scheduling.queue_name}{why}"
             )
         return Assessment(PENDING, "Resuming", "resuming the trainer Job")
 
@@ -291,10 +294,13 @@ def observe(
     job_name: str,
     now: datetime,
     conflict: str | None = None,
+    kueue_wait: str | None = None,
 ) -> StatusUpdate:
     """The operator's part of the next FineTuneJob status, and the events it deserves."""
     stamp = timestamp(now)
-    found = assess(job, pods, spec=spec, status=status, job_name=job_name, conflict=conflict)
+    found = assess(
+        job, pods, spec=spec, status=status, job_name=job_name, conflict=conflict, kueue_wait=kueue_wait
+    )
     conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or []]
 
     def put(type_: str, value: bool, reason: str, message: str) -> None:

@@ -40,4 +40,6 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "verbs": ["get", "create"],
     },
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # Kueue's reason for holding a queued trainer Job back, for the FineTuneJob's status
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["get", "list", "watch"]},
 ]

@@ -77,11 +77,13 @@ class Reconciler:
         *,
         last_seen_job: Mapping[str, Any] | None = None,
         job_created: Callable[[str], None] | None = None,
+        kueue_wait: str | None = None,
     ) -> Result:
         """One pass. ``last_seen_job`` is the trainer Job as a watch last showed it: the only
         record of how it ended once a TTL or a person deleted it. ``job_created`` is told the
         resourceVersion of a trainer Job this pass created, as soon as it exists: the watch event
-        of the create brings nothing new."""
+        of the create brings nothing new. ``kueue_wait`` is Kueue's reason for not admitting
+        that Job yet, from its Workload."""
         body = self.kube.get(api.KIND, namespace, name)
         if body is None:
             return Result()
@@ -139,6 +141,7 @@ class Reconciler:
             job_name=plan.names.job,
             now=self.clock(),
             conflict=conflict,
+            kueue_wait=kueue_wait,
         )
         if update.reason == "DisruptionLimitExceeded" and job is not None and not trainer.created:
             # The Job would replace the pod once more; suspending it ends its pods, keeps the

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 from kubernetes.client import ApiClient
 
 from kubetune import crd
-from kubetune.testing.controlplane import free_port, install_crds, wait_until
+from kubetune.testing.controlplane import ControlPlane, free_port, install_crds, wait_until
 
-from . import main, planning
+from . import main, planning, rbac
 from .kube import Kube
 from .metrics import Metrics
 
@@ -34,6 +34,34 @@ def wait_for(fetch: Callable[[], T | None], *, timeout: float = 30.0, what: str 
 def install_crd(client: ApiClient, timeout: float = 30.0, body: dict[str, Any] | None = None) -> None:
     """Create or update the FineTuneJob CRD (by default the generated one) and wait until it is served."""
     install_crds(client, body or crd.custom_resource_definition(), timeout=timeout)
+
+
+def operator_identity(control_plane: ControlPlane, kube: Kube, ns: str) -> str:
+    """A ServiceAccount ``operator`` bound to exactly rbac.OPERATOR_RULES in ``ns``; its token."""
+    role = f"kubetune-operator-{ns}"
+    kube.create(
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "operator", "namespace": ns}}
+    )
+    kube.request(
+        "POST",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        body={
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": role},
+            "rules": rbac.OPERATOR_RULES,
+        },
+    )
+    kube.create(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "kubetune-operator", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}],
+        }
+    )
+    return control_plane.service_account_token("operator", ns)
 
 
 def quick_settings() -> Any:

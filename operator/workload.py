@@ -150,3 +150,21 @@ def completion_time(job: Mapping[str, Any] | None, now: str) -> str:
             ):
                 return str(condition["lastTransitionTime"])
     return now
+
+
+def kueue_job_uid(workload: Mapping[str, Any]) -> str | None:
+    """The uid of the Job a Kueue Workload stands for."""
+    for ref in (workload.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1" and ref.get("uid"):
+            return str(ref["uid"])
+    return None
+
+
+def kueue_wait(workload: Mapping[str, Any]) -> str | None:
+    """Kueue's reason for not admitting the Workload yet (``QuotaReserved`` False), or None."""
+    conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+    admitted = conditions.get("Admitted") or {}
+    reserved = conditions.get("QuotaReserved") or {}
+    if admitted.get("status") == "True" or reserved.get("status") != "False":
+        return None
+    return str(reserved.get("message") or reserved.get("reason") or "").strip() or None

@@ -18,7 +18,13 @@ from kubernetes import client as k8s
 
 from kubetune import api
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import OperatorRunner, install_crd, set_pod_finished, wait_for
+from kubetune.operator.testing import (
+    OperatorRunner,
+    install_crd,
+    operator_identity,
+    set_pod_finished,
+    wait_for,
+)
 from kubetune.testing.controlplane import ControlPlane, FakeNode
 
 pytestmark = pytest.mark.controlplane
@@ -95,8 +101,10 @@ def ns(kube: Kube) -> Iterator[str]:
 
 
 @pytest.fixture
-def operator(client: k8s.ApiClient, ns: str) -> Iterator[OperatorRunner]:
-    with OperatorRunner(client, [ns]) as runner:
+def operator(cluster: ControlPlane, kube: Kube, ns: str) -> Iterator[OperatorRunner]:
+    """The operator with its own rights (rbac.OPERATOR_RULES), Kueue's Workloads among them."""
+    token = operator_identity(cluster, kube, ns)
+    with cluster.token_api_client(token) as client, OperatorRunner(client, [ns]) as runner:
         yield runner
 
 
@@ -211,6 +219,20 @@ def assert_waiting(kube: Kube, ns: str, name: str) -> None:
     )
     assert reserved["status"] == "False"
     assert "insufficient" in reserved["message"] or "quota" in reserved["message"].lower()
+    # The FineTuneJob says why, in Kueue's words (the operator watches the Workloads).
+    def kueue_says() -> str:
+        return str((workload_condition(kube, ns, name, "QuotaReserved") or {}).get("message"))
+
+    wait_for(
+        lambda: running_message(kube, ns, name) == f"waiting for admission to Kueue queue team: {kueue_says()}",
+        what=f"Kueue's reason in {name}'s status",
+    )
+
+
+def running_message(kube: Kube, ns: str, name: str) -> str:
+    status = (kube.get(api.KIND, ns, name) or {}).get("status") or {}
+    running = next((c for c in status.get("conditions") or [] if c["type"] == "Running"), {})
+    return str(running.get("message") or "")
 
 
 def finish(client: k8s.ApiClient, kube: Kube, ns: str, name: str) -> None:

@@ -75,6 +75,7 @@ def run(
     now: datetime = T0,
     generation: int = 1,
     conflict: str | None = None,
+    kueue_wait: str | None = None,
 ) -> obs.StatusUpdate:
     return observe(
         observed,
@@ -85,6 +86,7 @@ def run(
         job_name=JOB,
         now=now,
         conflict=conflict,
+        kueue_wait=kueue_wait,
     )
 
 
@@ -265,6 +267,20 @@ def test_phase_table(
             assert found is not None and found["status"] == "True" and found["reason"] == expected[1]
         else:
             assert found is None
+
+
+def test_a_queued_job_says_why_kueue_holds_it_back() -> None:
+    queued = job(conditions=[("Suspended", "JobSuspended")], suspend=True)
+    the_spec = spec(scheduling={"queueName": "team-a"})
+    why = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu in flavor gpu"
+    update = run(queued, the_spec=the_spec, kueue_wait=why)
+    assert (update.phase, update.reason) == ("Pending", "Queued")
+    assert update.message == f"waiting for admission to Kueue queue team-a: {why}"
+    assert condition(update, "Running")["message"] == update.message  # type: ignore[index]
+    # Without a word from Kueue (not installed, or no Workload yet) it names the queue alone.
+    assert run(queued, the_spec=the_spec).message == "waiting for admission to Kueue queue team-a"
+    # A suspended job that is not queued is resuming, whatever a stale Workload said.
+    assert run(queued, kueue_wait=why).reason == "Resuming"
 
 
 def test_messages_say_why() -> None:

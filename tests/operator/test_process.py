@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from kubernetes.client import Configuration
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune.operator import handlers, main, observe
+from kubetune.operator import handlers, main, observe, workload
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.reconcile import Reconciler
 
@@ -133,3 +135,44 @@ def test_the_operator_imports_no_ml_framework() -> None:
     )
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"
+
+
+def kueue_workload(job_uid: str, *conditions: tuple[str, str, str]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "job-tune-abc12",
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "tune", "uid": job_uid}],
+        },
+        "status": {
+            "conditions": [{"type": kind, "status": value, "message": message} for kind, value, message in conditions]
+        },
+    }
+
+
+def test_kueue_workloads_give_the_reason_a_job_waits() -> None:
+    waiting = kueue_workload("u1", ("QuotaReserved", "False", "insufficient quota for nvidia.com/gpu"))
+    assert workload.kueue_job_uid(waiting) == "u1"
+    assert workload.kueue_wait(waiting) == "insufficient quota for nvidia.com/gpu"
+    admitted = kueue_workload("u1", ("QuotaReserved", "True", "reserved"), ("Admitted", "True", "admitted"))
+    assert workload.kueue_wait(admitted) is None
+    assert workload.kueue_wait(kueue_workload("u1")) is None  # Kueue has not looked at it yet
+    assert workload.kueue_job_uid({"metadata": {"ownerReferences": [{"kind": "JobSet", "uid": "x"}]}}) is None
+
+
+def test_the_controller_reconciles_a_job_when_kueues_reason_changes() -> None:
+    controller = runtime(Configuration()).controller
+    job = {"metadata": {"uid": "u1", "resourceVersion": "7"}}
+    waiting = kueue_workload("u1", ("QuotaReserved", "False", "insufficient quota"))
+    # Kueue spoke before the Job's own watch event: nothing to kick yet...
+    assert controller.saw_workload(waiting) is None
+    # ... so even the echo of the operator's own create is worth a reconciliation.
+    controller._created_jobs[("ns", "tune")] = "7"
+    assert controller.saw_job("ns", "tune", job) is True
+    assert controller.saw_workload(waiting) is None, "the same reason again changes nothing"
+    other = kueue_workload("u1", ("QuotaReserved", "False", "waiting for preemption"))
+    assert controller.saw_workload(other) == ("ns", "tune")
+    admitted = kueue_workload("u1", ("QuotaReserved", "True", "reserved"), ("Admitted", "True", "admitted"))
+    assert controller.saw_workload(admitted) == ("ns", "tune")
+    assert controller._kueue_waits == {}
+    assert controller.saw_workload(other, deleted=True) is None, "a deleted Workload holds nothing back"
+    assert controller.saw_workload(kueue_workload("u2", ("QuotaReserved", "False", "x"))) is None

@@ -82,4 +82,8 @@ test compares with this one.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Kueue's reason for holding a queued trainer Job back, shown in the FineTuneJob's status.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
