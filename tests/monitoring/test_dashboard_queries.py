@@ -244,10 +244,11 @@ def test_the_values_agree_with_the_run(run: Run) -> None:
     assert final("Step progress") == {job: pytest.approx(1.0)}
     step = evaluate(run, f'max(kubetune_trainer_step{{finetunejob="{TRAINED}"}})')
     assert last(step[0]) == progress["step"] == progress["totalSteps"]
-    # The last logged losses. (status.progress.loss is not compared: an evaluation log right
-    # after the last step can take the throttled status patch, which leaves the older loss.)
+    # The last logged losses, on the dashboard and in the status (every report carries both).
     train_loss = [entry["loss"] for entry in run.history if "loss" in entry][-1]
     eval_loss = [entry["eval_loss"] for entry in run.history if "eval_loss" in entry][-1]
+    assert progress["loss"] == pytest.approx(train_loss, rel=1e-6)
+    assert progress["evalLoss"] == pytest.approx(eval_loss, rel=1e-6)
     assert final("Training loss") == {job: pytest.approx(train_loss, rel=1e-6)}
     assert final("Throughput")[job] > 0
     assert final("Learning rate")[job] >= 0

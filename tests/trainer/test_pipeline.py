@@ -69,6 +69,11 @@ def test_each_method_lowers_the_validation_loss(method: str, extra: dict[str, An
     assert recorder.stages == [s.value for s in api.Stage]
     steps = [p.step or 0 for p in recorder.progress_seen]
     assert steps == sorted(steps) and steps[-1] == 12
+    # Once a loss is logged, every later report carries one (eval and summary logs included).
+    losses = [p.loss for p in recorder.progress_seen if p.stage == api.Stage.TRAIN]
+    first = next(i for i, loss in enumerate(losses) if loss is not None)
+    assert None not in losses[first:]
+    assert losses[-1] == [h["loss"] for h in ctx.history if "loss" in h][-1]
     assert recorder.results_seen[-1].before == ctx.before
     weights = "merged" if method == "full" else "adapter"
     assert (

@@ -120,7 +120,10 @@ class ReportProgress(TrainerCallback):
         self.ctx = ctx
         self.counter = counter
         self.started = time.monotonic()
-        self.eval_loss: float | None = None
+        # Every report carries the latest loss, eval loss and learning rate: an eval or final
+        # summary log has no training loss of its own, and the status must not go back to none
+        # (a NaN loss is kept: alerts look for it).
+        self.latest: dict[str, float] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.monotonic()
@@ -131,8 +134,7 @@ class ReportProgress(TrainerCallback):
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
     ) -> None:
         logs = logs or {}
-        if "eval_loss" in logs:
-            self.eval_loss = logs["eval_loss"]
+        self.latest.update({k: logs[k] for k in ("loss", "eval_loss", "learning_rate") if k in logs})
         elapsed = max(time.monotonic() - self.started, 1e-9)
         done = state.global_step - self.first_step
         remaining = state.max_steps - state.global_step
@@ -143,9 +145,9 @@ class ReportProgress(TrainerCallback):
                 total_steps=state.max_steps,
                 percent=int(100 * state.global_step / max(state.max_steps, 1)),
                 epoch=round(state.epoch or 0.0, 3),
-                loss=logs.get("loss"),
-                eval_loss=self.eval_loss,
-                learning_rate=logs.get("learning_rate"),
+                loss=self.latest.get("loss"),
+                eval_loss=self.latest.get("eval_loss"),
+                learning_rate=self.latest.get("learning_rate"),
                 tokens_per_second=round(self.counter.tokens / elapsed, 1),
                 eta_seconds=int(elapsed / done * remaining) if done else None,
             )
