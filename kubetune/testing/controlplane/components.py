@@ -13,6 +13,18 @@ from .pki import ClusterPki, Credential
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+APISERVER_HOSTS = (
+    "localhost",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+    "127.0.0.1",
+    "::1",
+    "10.0.0.1",
+)
+"""What the API server's serving certificate is valid for: loopback, and the names and the
+first address (of :data:`SERVICE_CLUSTER_IP_RANGE`) of the ``kubernetes`` Service."""
 
 
 @dataclass(frozen=True)
@@ -159,13 +171,13 @@ def scheduler_command(binary: Path, *, kubeconfig: Path, port: int, serving: Cre
     ]
 
 
-# kwok's "fast" pod stages (sigs.k8s.io/kwok kustomize/stage/pod/fast) without pod-complete:
-# any Pod stage in --config replaces all of kwok's default Pod stages.
-KWOK_POD_STAGES_WITHOUT_COMPLETION = """\
+# One kwok Stage for Pods, selected by whether the Pod is being deleted (and ``selectors``);
+# ``then`` is the Stage's spec.next, indented under it.
+_POD_STAGE = """\
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
 metadata:
-  name: pod-ready
+  name: {name}
 spec:
   resourceRef:
     apiGroup: v1
@@ -173,10 +185,24 @@ spec:
   selector:
     matchExpressions:
     - key: '.metadata.deletionTimestamp'
-      operator: 'DoesNotExist'
-    - key: '.status.podIP'
-      operator: 'DoesNotExist'
-  next:
+      operator: '{deletion}'
+{selectors}  next:
+"""
+
+
+def _pod_stage(name: str, *, deletion: str, then: str, selectors: str = "") -> str:
+    return _POD_STAGE.format(name=name, deletion=deletion, selectors=selectors) + then
+
+
+# kwok's "fast" pod stages (sigs.k8s.io/kwok kustomize/stage/pod/fast) without pod-complete:
+# any Pod stage in --config replaces all of kwok's default Pod stages.
+KWOK_POD_STAGES_WITHOUT_COMPLETION = "---\n".join(
+    [
+        _pod_stage(
+            "pod-ready",
+            deletion="DoesNotExist",
+            selectors="    - key: '.status.podIP'\n      operator: 'DoesNotExist'\n",
+            then="""\
     statusTemplate: |
       {{ $now := Now }}
       conditions:
@@ -209,24 +235,13 @@ spec:
       ( or .metadata.name "" ) ( or .metadata.namespace "" ) | Quote }}
       phase: Running
       startTime: {{ $now | Quote }}
----
-apiVersion: kwok.x-k8s.io/v1alpha1
-kind: Stage
-metadata:
-  name: pod-delete
-spec:
-  resourceRef:
-    apiGroup: v1
-    kind: Pod
-  selector:
-    matchExpressions:
-    - key: '.metadata.deletionTimestamp'
-      operator: 'Exists'
-  next:
-    finalizers:
-      empty: true
-    delete: true
-"""
+""",
+        ),
+        _pod_stage(
+            "pod-delete", deletion="Exists", then="    finalizers:\n      empty: true\n    delete: true\n"
+        ),
+    ]
+)
 
 
 def kwok_command(binary: Path, *, kubeconfig: Path, port: int, config: Path | None = None) -> list[str]:

@@ -1,5 +1,7 @@
-"""Kueue in the test control plane: its configuration file, its command line, and the
-webhook configurations that point the API server at its webhook server on loopback.
+"""Kueue in the test control plane: its configuration file, its command line, the webhook
+configurations that point the API server at its webhook server on loopback, the API objects
+it needs before it starts (:func:`set_up`), and the probe that shows when its webhook is in
+effect (:func:`webhook_in_effect`).
 
 Kueue's own deployment reaches its webhooks through a Service; here the API server calls
 ``https://127.0.0.1:<port>`` directly (``clientConfig.url``). Kueue's internal certificate
@@ -23,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kubernetes import client as k8s
 
 KUEUE_NAMESPACE = "kueue-system"
 WEBHOOK_SERVICE = "kueue-webhook-service"
@@ -156,3 +159,62 @@ def webhook_secret() -> dict[str, Any]:
         "type": "Opaque",
         "data": {name: base64.b64encode(value).decode("ascii") for name, value in data.items()},
     }
+
+
+def set_up(api: k8s.ApiClient, *, manifests: Path, cert_dir: Path, webhook_port: int) -> None:
+    """What Kueue needs before it starts: its namespace, its webhook Secret (see
+    :func:`webhook_secret`), the Secret's files in ``cert_dir``, and the webhook
+    configurations (see :func:`webhook_configurations`) for its webhook server on
+    ``webhook_port``."""
+    secret = webhook_secret()
+    # Where a kubelet would mount the Secret: Kueue waits for the files, its webhook
+    # server serves them.
+    cert_dir.mkdir(exist_ok=True)
+    for name, value in secret["data"].items():
+        path = cert_dir / name
+        path.write_bytes(base64.b64decode(value))
+        path.chmod(0o600)
+    # Kueue's certificate rotator only reports ready once it has put the CA into these
+    # configurations, so they exist before it starts.
+    configurations = webhook_configurations(
+        manifests, url=f"https://127.0.0.1:{webhook_port}", ca_bundle=secret["data"]["ca.crt"]
+    )
+    core = k8s.CoreV1Api(api)
+    core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=KUEUE_NAMESPACE)))
+    secret_body = k8s.V1Secret.from_dict(secret)
+    assert secret_body is not None
+    core.create_namespaced_secret(KUEUE_NAMESPACE, secret_body)
+    admission = k8s.AdmissionregistrationV1Api(api)
+    for body in configurations:
+        if body["kind"] == "MutatingWebhookConfiguration":
+            mutating = k8s.V1MutatingWebhookConfiguration.from_dict(body)
+            assert mutating is not None
+            admission.create_mutating_webhook_configuration(mutating)
+        else:
+            validating = k8s.V1ValidatingWebhookConfiguration.from_dict(body)
+            assert validating is not None
+            admission.create_validating_webhook_configuration(validating)
+
+
+WEBHOOK_PROBE: dict[str, Any] = {
+    "apiVersion": "batch/v1",
+    "kind": "Job",
+    "metadata": {"name": "kueue-webhook-probe", "labels": {"kueue.x-k8s.io/queue-name": "probe"}},
+    "spec": {
+        "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "probe", "image": "probe"}]}}
+    },
+}
+"""A queued Job, only ever created as a dry run (see :func:`webhook_in_effect`)."""
+
+
+def webhook_in_effect(api: k8s.ApiClient) -> bool:
+    """Whether the API server calls Kueue's Job webhook yet. It picks up new webhook
+    configurations asynchronously; the webhook suspends a queued Job, so a dry run shows
+    when it is in effect."""
+    probe = k8s.V1Job.from_dict(WEBHOOK_PROBE)
+    assert probe is not None
+    try:
+        job = k8s.BatchV1Api(api).create_namespaced_job("default", probe, dry_run="All")
+    except k8s.ApiException:
+        return False
+    return bool(job.spec and job.spec.suspend)

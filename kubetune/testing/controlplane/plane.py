@@ -4,12 +4,11 @@ local binaries (see :mod:`.assets`) the way envtest does it."""
 
 from __future__ import annotations
 
-import base64
 import shutil
 import ssl
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -152,36 +151,18 @@ class ControlPlane:
 
         pki = ClusterPki(work_dir / "pki")
         self._pki = pki
-        serving = pki.cluster.issue(
-            "serving",
-            "kube-apiserver",
-            hosts=(
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-                "127.0.0.1",
-                "::1",
-                "10.0.0.1",
-            ),
-        )
+        serving = pki.cluster.issue("serving", "kube-apiserver", hosts=components.APISERVER_HOSTS)
         self._admin = pki.cluster.issue("admin", ADMIN_USER, organization="system:masters")
 
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{etcd_port}"
-        etcd = self._spawn(
+        self._spawn(
             "etcd", components.etcd_command(binaries.etcd, work_dir / "etcd", self.etcd_url, peer_port)
         )
-        wait_until(
-            lambda: http_ok(f"{self.etcd_url}/health", expect='"health":"true"'),
-            what="etcd /health",
-            timeout=self.startup_timeout,
-            processes=[etcd],
-        )
+        self._wait_healthy(f"{self.etcd_url}/health", "etcd /health", expect='"health":"true"')
 
         server = f"https://127.0.0.1:{api_port}"
-        apiserver = self._spawn(
+        self._spawn(
             "kube-apiserver",
             components.apiserver_command(
                 binaries.kube_apiserver,
@@ -195,13 +176,7 @@ class ControlPlane:
                 extra=self.extra_apiserver_args,
             ),
         )
-        context = self.ssl_context()
-        wait_until(
-            lambda: http_ok(f"{server}/readyz", context=context, expect="ok"),
-            what="kube-apiserver /readyz",
-            timeout=self.startup_timeout,
-            processes=[etcd, apiserver],
-        )
+        self._wait_healthy(f"{server}/readyz", "kube-apiserver /readyz", context=self.ssl_context())
         self._server = server
         write_kubeconfig(self.kubeconfig_path, server, pki.ca.cert, ADMIN_USER, self._admin)
         crds = [*self.crds, *([self._kueue_assets.crds] if self.kueue and self._kueue_assets else [])]
@@ -209,42 +184,51 @@ class ControlPlane:
             self.install_crds(*crds, timeout=self.startup_timeout)
 
         if self.controller_manager:
-            self._start_controller_manager(binaries, serving, [etcd, apiserver])
+            self._start_controller_manager(binaries, serving)
         if fake_node_binaries is not None:
             self._start_fake_nodes(fake_node_binaries, serving)
         if self.kueue and self._kueue_assets is not None:
             self._start_kueue(self._kueue_assets)
 
-    def _start_controller_manager(
-        self, binaries: Binaries, serving: Credential, running: list[Process]
-    ) -> None:
+    def _kubeconfig_for(self, name: str, user: str, organization: str | None = None) -> Path:
+        """A client certificate for ``user`` and ``<name>.kubeconfig``, which uses it."""
         assert self._pki is not None and self._server is not None
-        pki, work_dir = self._pki, self.work_dir
+        credential = self._pki.cluster.issue(name, user, organization=organization)
+        kubeconfig = self.work_dir / f"{name}.kubeconfig"
+        write_kubeconfig(kubeconfig, self._server, self._pki.ca.cert, user, credential)
+        return kubeconfig
+
+    def _wait(self, predicate: Callable[[], object], what: str) -> None:
+        """Wait for ``predicate`` during startup; fail if a process started so far exits."""
+        wait_until(predicate, what=what, timeout=self.startup_timeout, processes=self._processes)
+
+    def _wait_healthy(
+        self, url: str, what: str, *, expect: str = "ok", context: ssl.SSLContext | None = None
+    ) -> None:
+        """Wait until ``url`` answers with ``expect``; an https one is checked against the
+        cluster's CA, without a client certificate unless ``context`` has one."""
+        if context is None and url.startswith("https:"):
+            context = self.ssl_context(client_certificate=False)
+        self._wait(lambda: http_ok(url, context=context, expect=expect), what)
+
+    def _start_controller_manager(self, binaries: Binaries, serving: Credential) -> None:
+        assert self._pki is not None
         # The identity the bootstrap RBAC policy grants to the controller manager; each
         # controller then acts as its own service account, as in kubeadm clusters.
-        credential = pki.cluster.issue("kube-controller-manager", "system:kube-controller-manager")
-        kubeconfig = work_dir / "kube-controller-manager.kubeconfig"
-        write_kubeconfig(kubeconfig, self._server, pki.ca.cert, "system:kube-controller-manager", credential)
+        kubeconfig = self._kubeconfig_for("kube-controller-manager", "system:kube-controller-manager")
         port = free_port()
-        manager = self._spawn(
+        self._spawn(
             "kube-controller-manager",
             components.controller_manager_command(
                 binaries.kube_controller_manager,
                 kubeconfig=kubeconfig,
                 port=port,
                 serving=serving,
-                pki=pki,
+                pki=self._pki,
                 extra=self.extra_controller_manager_args,
             ),
         )
-        processes = [*running, manager]
-        context = ssl.create_default_context(cafile=str(pki.ca.cert))
-        wait_until(
-            lambda: http_ok(f"https://127.0.0.1:{port}/healthz", context=context, expect="ok"),
-            what="kube-controller-manager /healthz",
-            timeout=self.startup_timeout,
-            processes=processes,
-        )
+        self._wait_healthy(f"https://127.0.0.1:{port}/healthz", "kube-controller-manager /healthz")
         # Pods need their namespace's default ServiceAccount; once the controller has
         # made the one in "default", controllers are running and tests can create Pods.
         with self.admin_api_client() as api:
@@ -257,21 +241,11 @@ class ControlPlane:
                     return False
                 return True
 
-            wait_until(
-                default_service_account_exists,
-                what="the default ServiceAccount (created by kube-controller-manager)",
-                timeout=self.startup_timeout,
-                processes=processes,
-            )
+            what = "the default ServiceAccount (created by kube-controller-manager)"
+            self._wait(default_service_account_exists, what)
 
     def _start_fake_nodes(self, binaries: FakeNodeBinaries, serving: Credential) -> None:
-        assert self._pki is not None and self._server is not None
-        pki, work_dir = self._pki, self.work_dir
-        scheduler_credential = pki.cluster.issue("kube-scheduler", "system:kube-scheduler")
-        scheduler_kubeconfig = work_dir / "kube-scheduler.kubeconfig"
-        write_kubeconfig(
-            scheduler_kubeconfig, self._server, pki.ca.cert, "system:kube-scheduler", scheduler_credential
-        )
+        scheduler_kubeconfig = self._kubeconfig_for("kube-scheduler", "system:kube-scheduler")
         scheduler_port = free_port()
         self._spawn(
             "kube-scheduler",
@@ -281,13 +255,11 @@ class ControlPlane:
         )
         # kwok stands in for the kubelets of every fake node, so it gets the node and pod
         # status rights of many kubelets at once: simplest as an admin.
-        kwok_credential = pki.cluster.issue("kwok", "kwok", organization="system:masters")
-        kwok_kubeconfig = work_dir / "kwok.kubeconfig"
-        write_kubeconfig(kwok_kubeconfig, self._server, pki.ca.cert, "kwok", kwok_credential)
+        kwok_kubeconfig = self._kubeconfig_for("kwok", "kwok", organization="system:masters")
         kwok_port = free_port()
         kwok_config = None
         if not self.fake_job_pods_complete:
-            kwok_config = work_dir / "kwok-stages.yaml"
+            kwok_config = self.work_dir / "kwok-stages.yaml"
             kwok_config.write_text(components.KWOK_POD_STAGES_WITHOUT_COMPLETION)
         self._spawn(
             "kwok",
@@ -295,116 +267,27 @@ class ControlPlane:
                 binaries.kwok, kubeconfig=kwok_kubeconfig, port=kwok_port, config=kwok_config
             ),
         )
-        context = ssl.create_default_context(cafile=str(pki.ca.cert))
-        wait_until(
-            lambda: http_ok(f"https://127.0.0.1:{scheduler_port}/healthz", context=context, expect="ok"),
-            what="kube-scheduler /healthz",
-            timeout=self.startup_timeout,
-            processes=self._processes,
-        )
-        wait_until(
-            lambda: http_ok(f"http://127.0.0.1:{kwok_port}/healthz", expect="ok"),
-            what="kwok /healthz",
-            timeout=self.startup_timeout,
-            processes=self._processes,
-        )
+        self._wait_healthy(f"https://127.0.0.1:{scheduler_port}/healthz", "kube-scheduler /healthz")
+        self._wait_healthy(f"http://127.0.0.1:{kwok_port}/healthz", "kwok /healthz")
         for node in self.fake_nodes:
             self.add_fake_node(node)
 
     def _start_kueue(self, assets: KueueAssets) -> None:
-        assert self._pki is not None and self._server is not None
-        pki, work_dir = self._pki, self.work_dir
-        cert_dir = work_dir / "kueue-certs"
-        cert_dir.mkdir(exist_ok=True)
         # Kueue's ClusterRole spans most of the API; in a throwaway cluster an admin is simpler.
-        credential = pki.cluster.issue("kueue", "kueue", organization="system:masters")
-        kubeconfig = work_dir / "kueue.kubeconfig"
-        write_kubeconfig(kubeconfig, self._server, pki.ca.cert, "kueue", credential)
+        kubeconfig = self._kubeconfig_for("kueue", "kueue", organization="system:masters")
         webhook_port, metrics_port, health_port = free_port(), free_port(), free_port()
-        config = work_dir / "kueue-config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                kueue.configuration(
-                    webhook_port=webhook_port,
-                    cert_dir=cert_dir,
-                    metrics_port=metrics_port,
-                    health_port=health_port,
-                ),
-                sort_keys=False,
-            )
+        cert_dir = self.work_dir / "kueue-certs"
+        config = self.work_dir / "kueue-config.yaml"
+        settings = kueue.configuration(
+            webhook_port=webhook_port, cert_dir=cert_dir, metrics_port=metrics_port, health_port=health_port
         )
-        secret = kueue.webhook_secret()
-        # Where a kubelet would mount the Secret: Kueue waits for the files, its webhook
-        # server serves them.
-        for name, value in secret["data"].items():
-            path = cert_dir / name
-            path.write_bytes(base64.b64decode(value))
-            path.chmod(0o600)
-        # Kueue's certificate rotator only reports ready once it has put the CA into these
-        # configurations, so they exist before it starts.
-        configurations = kueue.webhook_configurations(
-            assets.webhooks, url=f"https://127.0.0.1:{webhook_port}", ca_bundle=secret["data"]["ca.crt"]
-        )
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
         with self.admin_api_client() as api:
-            core = k8s.CoreV1Api(api)
-            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=kueue.KUEUE_NAMESPACE)))
-            secret_body = k8s.V1Secret.from_dict(secret)
-            assert secret_body is not None
-            core.create_namespaced_secret(kueue.KUEUE_NAMESPACE, secret_body)
-            admission = k8s.AdmissionregistrationV1Api(api)
-            for body in configurations:
-                if body["kind"] == "MutatingWebhookConfiguration":
-                    mutating = k8s.V1MutatingWebhookConfiguration.from_dict(body)
-                    assert mutating is not None
-                    admission.create_mutating_webhook_configuration(mutating)
-                else:
-                    validating = k8s.V1ValidatingWebhookConfiguration.from_dict(body)
-                    assert validating is not None
-                    admission.create_validating_webhook_configuration(validating)
+            kueue.set_up(api, manifests=assets.webhooks, cert_dir=cert_dir, webhook_port=webhook_port)
         self._spawn("kueue", kueue.command(assets.binary, config=config, kubeconfig=kubeconfig))
-        wait_until(
-            lambda: http_ok(f"http://127.0.0.1:{health_port}/readyz", expect="ok"),
-            what="kueue /readyz",
-            timeout=self.startup_timeout,
-            processes=self._processes,
-        )
+        self._wait_healthy(f"http://127.0.0.1:{health_port}/readyz", "kueue /readyz")
         with self.admin_api_client() as api:
-            batch = k8s.BatchV1Api(api)
-            probe = k8s.V1Job.from_dict(
-                {
-                    "apiVersion": "batch/v1",
-                    "kind": "Job",
-                    "metadata": {
-                        "name": "kueue-webhook-probe",
-                        "labels": {"kueue.x-k8s.io/queue-name": "probe"},
-                    },
-                    "spec": {
-                        "template": {
-                            "spec": {
-                                "restartPolicy": "Never",
-                                "containers": [{"name": "probe", "image": "probe"}],
-                            }
-                        }
-                    },
-                }
-            )
-            assert probe is not None
-
-            # The API server picks up new webhook configurations asynchronously; Kueue's
-            # Job webhook suspends a queued Job, so a dry run shows when it is in effect.
-            def webhook_in_effect() -> bool:
-                try:
-                    job = batch.create_namespaced_job("default", probe, dry_run="All")
-                except k8s.ApiException:
-                    return False
-                return bool(job.spec and job.spec.suspend)
-
-            wait_until(
-                webhook_in_effect,
-                what="Kueue's Job webhook to be in effect",
-                timeout=self.startup_timeout,
-                processes=self._processes,
-            )
+            self._wait(lambda: kueue.webhook_in_effect(api), "Kueue's Job webhook to be in effect")
 
     def add_fake_node(self, node: FakeNode, *, timeout: float = 60.0) -> None:
         """Register a node that kwok keeps Ready and whose Pods it runs: Running once
