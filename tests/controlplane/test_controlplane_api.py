@@ -71,6 +71,17 @@ def as_dict(value: object) -> dict[str, Any]:
     return cast(dict[str, Any], value)
 
 
+def merge_patch(
+    widgets: k8s.CustomObjectsApi, ns: str, body: dict[str, Any], *, status: bool = False
+) -> dict[str, Any]:
+    """A merge patch of the Widget ``w``, or of its status subresource."""
+    patch = widgets.patch_namespaced_custom_object
+    if status:
+        patch = widgets.patch_namespaced_custom_object_status
+    merge = "application/merge-patch+json"
+    return as_dict(patch(GROUP, "v1", ns, "widgets", "w", body, _content_type=merge))
+
+
 @pytest.fixture
 def widgets(
     control_plane: ControlPlane, control_plane_api_client: k8s.ApiClient
@@ -133,46 +144,21 @@ def test_custom_resource_round_trips_through_status_subresource(
     assert "status" not in created
     assert created["metadata"]["generation"] == 1
 
-    patched = as_dict(
-        widgets.patch_namespaced_custom_object_status(
-            GROUP,
-            "v1",
-            ns,
-            "widgets",
-            "w",
-            {"status": {"phase": "Ready", "observedGeneration": 1}, "spec": {"size": 99}},
-            _content_type="application/merge-patch+json",
-        )
-    )
+    ready = {"status": {"phase": "Ready", "observedGeneration": 1}, "spec": {"size": 99}}
+    patched = merge_patch(widgets, ns, ready, status=True)
     assert patched["status"] == {"phase": "Ready", "observedGeneration": 1}
     assert patched["spec"] == {"size": 3}, "the status subresource must not change spec"
     assert patched["metadata"]["generation"] == 1
 
-    updated = as_dict(
-        widgets.patch_namespaced_custom_object(
-            GROUP,
-            "v1",
-            ns,
-            "widgets",
-            "w",
-            {"spec": {"size": 4}, "status": {"phase": "ignored on the main resource"}},
-            _content_type="application/merge-patch+json",
-        )
+    updated = merge_patch(
+        widgets, ns, {"spec": {"size": 4}, "status": {"phase": "ignored on the main resource"}}
     )
     assert updated["spec"] == {"size": 4}
     assert updated["status"]["phase"] == "Ready"
     assert updated["metadata"]["generation"] == 2
 
     with pytest.raises(k8s.ApiException) as rejected:
-        widgets.patch_namespaced_custom_object(
-            GROUP,
-            "v1",
-            ns,
-            "widgets",
-            "w",
-            {"spec": {"size": 0}},
-            _content_type="application/merge-patch+json",
-        )
+        merge_patch(widgets, ns, {"spec": {"size": 0}})
     assert rejected.value.status == 422
     assert "spec.size" in str(rejected.value.body)
 

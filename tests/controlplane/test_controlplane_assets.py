@@ -8,12 +8,6 @@ from pathlib import Path
 import pytest
 
 from kubetune.testing.controlplane import (
-    ASSET_ENV_VARS,
-    BINARY_NAMES,
-    BUILD_SCRIPT,
-    ETCD_VERSION,
-    FAKE_NODE_BINARY_NAMES,
-    KUBERNETES_VERSION,
     ControlPlaneError,
     assets,
     assets_cache_dir,
@@ -21,6 +15,7 @@ from kubetune.testing.controlplane import (
     find_fake_node_binaries,
     locate_binary,
 )
+from kubetune.testing.controlplane.assets import ASSET_ENV_VARS, BINARY_NAMES, FAKE_NODE_BINARY_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,18 +41,18 @@ def test_version_matches_go_module() -> None:
     go_mod = (REPO / "hack" / "controlplane" / "go.mod").read_text()
     match = re.search(r"^\s*(?:require\s+)?k8s\.io/kubernetes\s+(v\S+)", go_mod, re.MULTILINE)
     assert match, "hack/controlplane/go.mod requires no k8s.io/kubernetes"
-    assert match.group(1) == KUBERNETES_VERSION
+    assert match.group(1) == assets.KUBERNETES_VERSION
     etcd = re.search(r"^\s*(?:require\s+)?go\.etcd\.io/etcd/server/v3\s+(v\S+)", go_mod, re.MULTILINE)
-    assert etcd and etcd.group(1) == ETCD_VERSION
+    assert etcd and etcd.group(1) == assets.ETCD_VERSION
     for staging in ("api", "apimachinery", "apiserver", "client-go", "kubectl", "externaljwt"):
-        assert f"k8s.io/{staging} => k8s.io/{staging} v0.{KUBERNETES_VERSION[3:]}" in go_mod
+        assert f"k8s.io/{staging} => k8s.io/{staging} v0.{assets.KUBERNETES_VERSION[3:]}" in go_mod
 
 
 def test_build_script_and_module_agree_on_cache_dir(clean_env: Path) -> None:
-    printed = subprocess.run(
-        [str(BUILD_SCRIPT), "--print"], capture_output=True, text=True, check=True, env=os.environ.copy()
-    ).stdout.strip()
-    assert Path(printed) == assets_cache_dir() == clean_env / "kubetune" / "assets" / KUBERNETES_VERSION
+    command = [str(assets.BUILD_SCRIPT), "--print"]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ.copy())
+    cache = clean_env / "kubetune" / "assets" / assets.KUBERNETES_VERSION
+    assert Path(printed.stdout.strip()) == assets_cache_dir() == cache
 
 
 def test_lookup_order_env_then_kubebuilder_assets_then_cache(

@@ -10,6 +10,8 @@ from kubernetes import client as k8s
 
 from kubetune.testing.controlplane import wait_until
 
+from .conftest import job_complete
+
 pytestmark = pytest.mark.controlplane
 
 
@@ -48,11 +50,9 @@ def job_gone(batch: k8s.BatchV1Api, ns: str, name: str) -> bool:
 
 
 def test_job_controller_creates_a_pod_and_completes_the_job(
-    control_plane_api_client: k8s.ApiClient, control_plane_namespace: str
+    core: k8s.CoreV1Api, batch: k8s.BatchV1Api, control_plane_namespace: str
 ) -> None:
     ns = control_plane_namespace
-    batch = k8s.BatchV1Api(control_plane_api_client)
-    core = k8s.CoreV1Api(control_plane_api_client)
     job = batch.create_namespaced_job(ns, make_job("trainer"))
 
     wait_until(lambda: bool(job_pods(core, ns, "trainer")), timeout=30, what="the Job's Pod")
@@ -83,24 +83,15 @@ def test_job_controller_creates_a_pod_and_completes_the_job(
         },
     )
 
-    def job_status() -> k8s.V1JobStatus:
-        status = batch.read_namespaced_job_status("trainer", ns).status
-        assert status is not None
-        return status
-
-    def complete() -> bool:
-        return any(c.type == "Complete" and c.status == "True" for c in job_status().conditions or [])
-
-    wait_until(complete, timeout=30, what="the Job to be Complete")
-    assert job_status().succeeded == 1
+    wait_until(lambda: job_complete(batch, "trainer", ns), timeout=30, what="the Job to be Complete")
+    status = batch.read_namespaced_job_status("trainer", ns).status
+    assert status is not None and status.succeeded == 1
 
 
 def test_garbage_collector_deletes_a_job_when_its_owner_goes(
-    control_plane_api_client: k8s.ApiClient, control_plane_namespace: str
+    core: k8s.CoreV1Api, batch: k8s.BatchV1Api, control_plane_namespace: str
 ) -> None:
     ns = control_plane_namespace
-    batch = k8s.BatchV1Api(control_plane_api_client)
-    core = k8s.CoreV1Api(control_plane_api_client)
     owner = core.create_namespaced_config_map(ns, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="owner")))
     reference = k8s.V1OwnerReference(
         api_version="v1",
@@ -128,7 +119,7 @@ FINETUNEJOB_CRD = Path(__file__).resolve().parents[2] / "crds" / "finetunejob.ya
 
 @pytest.mark.skipif(not FINETUNEJOB_CRD.is_file(), reason="crds/finetunejob.yaml is not there")
 def test_deleting_a_finetunejob_deletes_the_job_it_owns(
-    control_plane_api_client: k8s.ApiClient, control_plane_namespace: str
+    control_plane_api_client: k8s.ApiClient, batch: k8s.BatchV1Api, control_plane_namespace: str
 ) -> None:
     """What the operator relies on. The fixture installs crds/ before the controller
     manager starts; a CRD installed later is only seen on the collector's 30 s resync."""
@@ -162,7 +153,6 @@ def test_deleting_a_finetunejob_deletes_the_job_it_owns(
         controller=True,
         block_owner_deletion=True,
     )
-    batch = k8s.BatchV1Api(control_plane_api_client)
     batch.create_namespaced_job(ns, make_job("tune-trainer", reference))
 
     objects.delete_namespaced_custom_object(group, version, ns, plural, "tune")

@@ -9,6 +9,8 @@ from kubernetes import client as k8s
 
 from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, FakeNode, wait_until
 
+from .conftest import job_complete
+
 pytestmark = pytest.mark.controlplane
 
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
@@ -76,13 +78,9 @@ def test_gpu_job_is_scheduled_runs_and_completes(cluster: ControlPlane) -> None:
     with cluster.admin_api_client() as api:
         core, batch = k8s.CoreV1Api(api), k8s.BatchV1Api(api)
         batch.create_namespaced_job("default", gpu_job("fits", gpus=4))
-
-        def job_complete() -> bool:
-            status = batch.read_namespaced_job_status("fits", "default").status
-            conditions = (status.conditions if status else None) or []
-            return any(c.type == "Complete" and c.status == "True" for c in conditions)
-
-        wait_until(job_complete, timeout=60, what="the GPU Job to complete on the fake node")
+        wait_until(
+            lambda: job_complete(batch, "fits"), timeout=60, what="the GPU Job to complete on the fake node"
+        )
         pod = only_pod(core, "fits")
         assert pod is not None and pod.spec is not None and pod.status is not None
         assert pod.spec.node_name == "gpu-0"

@@ -12,6 +12,8 @@ from kubernetes import client as k8s
 
 from kubetune.testing.controlplane import KUEUE_VERSION, ControlPlane, FakeNode, wait_until
 
+from .conftest import job_complete
+
 pytestmark = pytest.mark.controlplane
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -130,13 +132,11 @@ def test_a_queued_job_is_admitted_unsuspended_and_runs(cluster: ControlPlane) ->
     with cluster.admin_api_client() as api:
         batch, custom = k8s.BatchV1Api(api), k8s.CustomObjectsApi(api)
         batch.create_namespaced_job("default", gpu_job("admitted", gpus=8))
-
-        def job_complete() -> bool:
-            status = batch.read_namespaced_job_status("admitted", "default").status
-            conditions = (status.conditions if status else None) or []
-            return any(c.type == "Complete" and c.status == "True" for c in conditions)
-
-        wait_until(job_complete, timeout=60, what="the admitted Job to run and complete on a fake node")
+        wait_until(
+            lambda: job_complete(batch, "admitted"),
+            timeout=60,
+            what="the admitted Job to run and complete on a fake node",
+        )
         workload = workload_of(custom, "admitted")
         admitted = condition(workload, "Admitted")
         assert admitted is not None and admitted["status"] == "True"

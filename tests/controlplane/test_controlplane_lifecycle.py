@@ -102,21 +102,14 @@ def test_dev_cluster_up_and_down(tmp_path: Path) -> None:
         kubeconfig = Path(up.stdout.strip().splitlines()[-1])
         assert kubeconfig == tmp_path / "dev" / "kubeconfig"
         kubectl = find_binaries(build=False).kubectl
-        namespaces = subprocess.run(
-            [str(kubectl), f"--kubeconfig={kubeconfig}", "get", "namespaces", "-o", "name"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert "namespace/kube-system" in namespaces
+
+        def names(kind: str) -> str:
+            command = [str(kubectl), f"--kubeconfig={kubeconfig}", "get", kind, "-o", "name"]
+            return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+        assert "namespace/kube-system" in names("namespaces")
         if (REPO / "crds").is_dir():
-            crds = subprocess.run(
-                [str(kubectl), f"--kubeconfig={kubeconfig}", "get", "crd", "-o", "name"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            assert "finetunejobs.kubetune.io" in crds
+            assert "finetunejobs.kubetune.io" in names("crd")
         again = subprocess.run(
             [str(script), "up"], env=env, capture_output=True, text=True, check=False, timeout=60
         )
