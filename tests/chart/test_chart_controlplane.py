@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -276,148 +278,155 @@ def run_a_job_through(kube: Kube, namespace: str, name: str, trainer_image: str)
     wait_phase(kube, namespace, name, "Succeeded")
 
 
-def install(cluster_helm: Helm, release: str, namespace: str, set_json: dict[str, Any]) -> str:
-    """helm install; returns the NOTES."""
-    args = cluster_helm.template_args(release=release, namespace=namespace, set_json=set_json)
-    result = cluster_helm.run("install", *args)
-    return result.stdout
+@dataclass(frozen=True)
+class Release:
+    """A helm release of the chart, and what its operator Deployment would run with."""
+
+    name: str
+    namespace: str
+    notes: str
+    namespaces: list[str]
+    """The operator's --namespace arguments (none: every namespace)."""
+    trainer_image: str
+    user: str
+    """The user name of the release's ServiceAccount."""
+    kubeconfig: Path
+    """A kubeconfig with a token of that ServiceAccount."""
+
+    @contextmanager
+    def operator(self, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+        """The operator running in-process as the Deployment would run it; afterwards its log
+        must show no request refused for lack of a permission."""
+        caplog.set_level(logging.INFO)
+        config = planning.OperatorConfig(trainer_image=self.trainer_image)
+        with (
+            main.api_client(str(self.kubeconfig)) as client,
+            OperatorRunner(client, self.namespaces, config=config),
+        ):
+            yield
+        assert not permission_problems(caplog.text, self.user)
 
 
-def installed_deployment(kube: Kube, namespace: str, release: str) -> Manifest:
-    deployment = kube.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{release}-kubetune")
-    return deployment
+@dataclass(frozen=True)
+class Chart:
+    """The test control plane as its admin, with fresh namespaces and installs of the chart."""
+
+    admin: ApiClient
+    kube: Kube
+    new_namespace: Callable[[], str]
+    install: Callable[[dict[str, Any]], Release]
+    """helm install with these values into the test's namespace."""
+
+
+@pytest.fixture
+def chart(
+    new_namespace: Callable[[], str],
+    cluster_helm: Helm,
+    control_plane: ControlPlane,
+    control_plane_api_client: ApiClient,
+    control_plane_namespace: str,
+    crds: None,
+    tmp_path: Path,
+) -> Iterator[Chart]:
+    """Releases are uninstalled afterwards, before the new namespaces go."""
+    kube = Kube(control_plane_api_client)
+    namespace = control_plane_namespace
+    installed: list[str] = []
+
+    def install(set_json: dict[str, Any]) -> Release:
+        name = f"kt{uuid.uuid4().hex[:6]}"
+        installed.append(name)
+        args = cluster_helm.template_args(release=name, namespace=namespace, set_json=set_json)
+        notes = cluster_helm.run("install", *args).stdout
+        deployment = kube.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}-kubetune")
+        namespaces, trainer_image = operator_arguments(deployment)
+        service_account = f"{name}-kubetune"
+        token = control_plane.service_account_token(service_account, namespace)
+        kubeconfig = token_kubeconfig(control_plane, token, tmp_path / f"{name}.kubeconfig")
+        user = f"system:serviceaccount:{namespace}:{service_account}"
+        return Release(name, namespace, notes, namespaces, trainer_image, user, kubeconfig)
+
+    yield Chart(control_plane_api_client, kube, new_namespace, install)
+    for name in installed:
+        cluster_helm.run("uninstall", name, "--namespace", namespace, check=False)
 
 
 def test_cluster_wide_install_runs_a_job_with_the_charts_rbac_only(
-    cluster_helm: Helm,
-    control_plane: ControlPlane,
-    control_plane_api_client: ApiClient,
-    control_plane_namespace: str,
-    new_namespace: Any,
-    crds: None,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    chart: Chart, caplog: pytest.LogCaptureFixture
 ) -> None:
-    admin = control_plane_api_client
-    kube = Kube(admin)
-    release_namespace, jobs_namespace = control_plane_namespace, new_namespace()
-    release = f"kt{uuid.uuid4().hex[:6]}"
-    notes = install(
-        cluster_helm,
-        release,
-        release_namespace,
-        {"trainer.image.repository": TRAINER_IMAGE, "trainer.image.tag": "test"},
-    )
-    try:
-        assert "runs FineTuneJobs in every namespace" in notes
-        assert f"{TRAINER_IMAGE}:test" in notes
-        namespaces, trainer_image = operator_arguments(installed_deployment(kube, release_namespace, release))
-        assert namespaces == [] and trainer_image == f"{TRAINER_IMAGE}:test"
-        service_account = f"{release}-kubetune"
-        user = f"system:serviceaccount:{release_namespace}:{service_account}"
+    admin, kube = chart.admin, chart.kube
+    jobs_namespace = chart.new_namespace()
+    release = chart.install({"trainer.image.repository": TRAINER_IMAGE, "trainer.image.tag": "test"})
+    assert "runs FineTuneJobs in every namespace" in release.notes
+    assert f"{TRAINER_IMAGE}:test" in release.notes
+    assert release.namespaces == [] and release.trainer_image == f"{TRAINER_IMAGE}:test"
+    user = release.user
 
-        token = control_plane.service_account_token(service_account, release_namespace)
-        kubeconfig = token_kubeconfig(control_plane, token, tmp_path / "operator.kubeconfig")
-        caplog.set_level(logging.INFO)
-        with (
-            main.api_client(str(kubeconfig)) as client,
-            OperatorRunner(client, namespaces, config=planning.OperatorConfig(trainer_image=trainer_image)),
-        ):
-            run_a_job_through(kube, jobs_namespace, "cluster-wide", trainer_image)
+    with release.operator(caplog):
+        run_a_job_through(kube, jobs_namespace, "cluster-wide", release.trainer_image)
 
-        assert not permission_problems(caplog.text, user)
-
-        # The operator's identity cannot read Secrets, anywhere.
-        for verb in ("get", "list", "watch"):
-            assert not can(admin, user, verb, "secrets"), f"{verb} secrets cluster-wide"
-            assert not can(admin, user, verb, "secrets", jobs_namespace), (
-                f"{verb} secrets in {jobs_namespace}"
-            )
-        with main.api_client(str(kubeconfig)) as as_operator:
-            assert not self_can(as_operator, "list", "secrets")
-            assert not self_can(as_operator, "get", "secrets", release_namespace)
-            with pytest.raises(ApiException) as denied:
-                k8s.CoreV1Api(as_operator).list_secret_for_all_namespaces()
-            assert denied.value.status == 403
-            assert self_can(as_operator, "create", "configmaps", jobs_namespace), "the review itself works"
-        # ... and holds nothing beyond its rules.
-        assert can(admin, user, "create", "jobs", jobs_namespace, group="batch")
-        assert can(admin, user, "watch", api.PLURAL, group=api.GROUP)
-        for verb, resource, group in (
-            ("delete", "jobs", "batch"),
-            ("create", "pods", ""),
-            ("update", api.PLURAL, api.GROUP),
-            ("delete", api.PLURAL, api.GROUP),
-            ("list", "namespaces", ""),
-            ("list", "customresourcedefinitions", "apiextensions.k8s.io"),
-            ("create", "clusterroles", "rbac.authorization.k8s.io"),
-            ("escalate", "roles", "rbac.authorization.k8s.io"),
-            ("bind", "roles", "rbac.authorization.k8s.io"),
-            ("impersonate", "serviceaccounts", ""),
-            ("create", "serviceaccounts/token", ""),
-        ):
-            assert not can(admin, user, verb, resource, jobs_namespace, group=group), (verb, resource)
-    finally:
-        cluster_helm.run("uninstall", release, "--namespace", release_namespace, check=False)
+    # The operator's identity cannot read Secrets, anywhere.
+    for verb in ("get", "list", "watch"):
+        assert not can(admin, user, verb, "secrets"), f"{verb} secrets cluster-wide"
+        assert not can(admin, user, verb, "secrets", jobs_namespace), f"{verb} secrets in {jobs_namespace}"
+    with main.api_client(str(release.kubeconfig)) as as_operator:
+        assert not self_can(as_operator, "list", "secrets")
+        assert not self_can(as_operator, "get", "secrets", release.namespace)
+        with pytest.raises(ApiException) as denied:
+            k8s.CoreV1Api(as_operator).list_secret_for_all_namespaces()
+        assert denied.value.status == 403
+        assert self_can(as_operator, "create", "configmaps", jobs_namespace), "the review itself works"
+    # ... and holds nothing beyond its rules.
+    assert can(admin, user, "create", "jobs", jobs_namespace, group="batch")
+    assert can(admin, user, "watch", api.PLURAL, group=api.GROUP)
+    for verb, resource, group in (
+        ("delete", "jobs", "batch"),
+        ("create", "pods", ""),
+        ("update", api.PLURAL, api.GROUP),
+        ("delete", api.PLURAL, api.GROUP),
+        ("list", "namespaces", ""),
+        ("list", "customresourcedefinitions", "apiextensions.k8s.io"),
+        ("create", "clusterroles", "rbac.authorization.k8s.io"),
+        ("escalate", "roles", "rbac.authorization.k8s.io"),
+        ("bind", "roles", "rbac.authorization.k8s.io"),
+        ("impersonate", "serviceaccounts", ""),
+        ("create", "serviceaccounts/token", ""),
+    ):
+        assert not can(admin, user, verb, resource, jobs_namespace, group=group), (verb, resource)
 
 
 def test_watching_some_namespaces_grants_nothing_elsewhere(
-    cluster_helm: Helm,
-    control_plane: ControlPlane,
-    control_plane_api_client: ApiClient,
-    control_plane_namespace: str,
-    new_namespace: Any,
-    crds: None,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
+    chart: Chart, caplog: pytest.LogCaptureFixture
 ) -> None:
-    admin = control_plane_api_client
-    kube = Kube(admin)
-    release_namespace = control_plane_namespace
-    team_a, team_b, elsewhere = new_namespace(), new_namespace(), new_namespace()
-    release = f"kt{uuid.uuid4().hex[:6]}"
-    notes = install(
-        cluster_helm,
-        release,
-        release_namespace,
+    admin, kube = chart.admin, chart.kube
+    team_a, team_b, elsewhere = chart.new_namespace(), chart.new_namespace(), chart.new_namespace()
+    release = chart.install(
         {
             "watchNamespaces": [team_a, team_b],
             "trainer.image.repository": TRAINER_IMAGE,
             "trainer.image.tag": "team",
-        },
+        }
     )
-    try:
-        assert f"runs FineTuneJobs in {team_a}, {team_b}" in notes
-        namespaces, trainer_image = operator_arguments(installed_deployment(kube, release_namespace, release))
-        assert namespaces == [team_a, team_b]
-        service_account = f"{release}-kubetune"
-        user = f"system:serviceaccount:{release_namespace}:{service_account}"
-        assert kube.request("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles", query={
-            "labelSelector": f"app.kubernetes.io/instance={release}"})["items"] == []  # fmt: skip
+    assert f"runs FineTuneJobs in {team_a}, {team_b}" in release.notes
+    assert release.namespaces == [team_a, team_b]
+    user = release.user
+    assert kube.request("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles", query={
+        "labelSelector": f"app.kubernetes.io/instance={release.name}"})["items"] == []  # fmt: skip
 
-        token = control_plane.service_account_token(service_account, release_namespace)
-        kubeconfig = token_kubeconfig(control_plane, token, tmp_path / "operator.kubeconfig")
-        caplog.set_level(logging.INFO)
-        kube.create(finetunejob(elsewhere, "unwatched"))
-        with (
-            main.api_client(str(kubeconfig)) as client,
-            OperatorRunner(client, namespaces, config=planning.OperatorConfig(trainer_image=trainer_image)),
-        ):
-            run_a_job_through(kube, team_b, "in-team-b", trainer_image)
-        assert not permission_problems(caplog.text, user)
-        assert phase_of(kube, elsewhere, "unwatched") is None
-        assert kube.list("Job", elsewhere) == []
+    kube.create(finetunejob(elsewhere, "unwatched"))
+    with release.operator(caplog):
+        run_a_job_through(kube, team_b, "in-team-b", release.trainer_image)
+    assert phase_of(kube, elsewhere, "unwatched") is None
+    assert kube.list("Job", elsewhere) == []
 
-        for namespace in (team_a, team_b):
-            assert can(admin, user, "create", "jobs", namespace, group="batch")
-            assert not can(admin, user, "get", "secrets", namespace)
-            assert not can(admin, user, "list", "secrets", namespace)
-        assert not can(admin, user, "create", "jobs", elsewhere, group="batch")
-        assert not can(admin, user, "list", api.PLURAL, elsewhere, group=api.GROUP)
-        assert not can(admin, user, "list", api.PLURAL, group=api.GROUP), "nothing cluster-wide"
-        assert not can(admin, user, "list", "secrets")
-    finally:
-        cluster_helm.run("uninstall", release, "--namespace", release_namespace, check=False)
+    for namespace in (team_a, team_b):
+        assert can(admin, user, "create", "jobs", namespace, group="batch")
+        assert not can(admin, user, "get", "secrets", namespace)
+        assert not can(admin, user, "list", "secrets", namespace)
+    assert not can(admin, user, "create", "jobs", elsewhere, group="batch")
+    assert not can(admin, user, "list", api.PLURAL, elsewhere, group=api.GROUP)
+    assert not can(admin, user, "list", api.PLURAL, group=api.GROUP), "nothing cluster-wide"
+    assert not can(admin, user, "list", "secrets")
 
 
 def test_helm_installs_the_charts_crd(cluster_helm: Helm, control_plane: ControlPlane, crds: None) -> None:
