@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from kubetune.trainer.evaluation import evaluate, validation_loss
 from kubetune.trainer.reporter import SilentReporter
 from kubetune.trainer.stages.train import training_arguments
 
-from .conftest import tiny_job
+from .conftest import tiny_job, torchrun, write_job
 
 pytestmark = pytest.mark.training
 WORKER = Path(__file__).with_name("pg_timeout_worker.py")
@@ -125,26 +123,9 @@ def test_collective_timeout_from_the_spec_or_the_environment(monkeypatch: pytest
 
 def test_the_process_group_gets_the_collective_timeout(tmp_path: Path) -> None:
     """Two ranks under torchrun: the default group of each waits as long as the spec says."""
-    job = tiny_job(training={"maxSteps": 1, "collectiveTimeoutSeconds": 4321})
-    job_file = tmp_path / "job.json"
-    job_file.write_text(job.model_dump_json(by_alias=True))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(WORKER),
-    ]
+    job_file = write_job(tmp_path, training={"maxSteps": 1, "collectiveTimeoutSeconds": 4321})
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*command, str(job_file), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = torchrun(WORKER, str(job_file), str(tmp_path), env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = [json.loads((tmp_path / f"timeout{rank}.json").read_text()) for rank in (0, 1)]
     assert seen == [4321.0, 4321.0]

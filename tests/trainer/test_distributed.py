@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,25 +14,20 @@ from kubetune.trainer.distributed import Launch
 from kubetune.trainer.pipeline import execute
 from kubetune.trainer.reporter import SilentReporter
 
-from .conftest import tiny_job
+from .conftest import (
+    EVAL,
+    env,
+    kill_everything_started_for,
+    kubetune_run,
+    short_training,
+    tiny_job,
+    torchrun,
+    two_nodes,
+    write_job,
+)
 
 pytestmark = pytest.mark.training
 WORKER = Path(__file__).with_name("ddp_worker.py")
-EVAL = {"metrics": ["loss"], "baseline": False}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return (
-        os.environ
-        | {"OMP_NUM_THREADS": "1", "KUBETUNE_CACHE": str(Path.home() / ".cache" / "kubetune")}
-        | extra
-    )
 
 
 def test_launch_commands() -> None:
@@ -63,27 +51,10 @@ def test_launch_commands() -> None:
 
 
 def test_two_processes_train_identical_weights_like_doubled_accumulation(tmp_path: Path) -> None:
-    training = {"maxSteps": 8, "learningRate": 0.003, "batchSize": 8, "maxSeqLength": 32}
-    job = tiny_job(training=training, evaluation=EVAL)
-    job_file = tmp_path / "job.json"
-    job_file.write_text(job.model_dump_json(by_alias=True))
+    training = short_training(8, 8)
+    job_file = write_job(tmp_path, training=training, evaluation=EVAL)
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(WORKER),
-    ]
-    done = subprocess.run(
-        [*command, str(job_file), str(out)],
-        env=env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = torchrun(WORKER, str(job_file), str(out), env=env(tmp_path), timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
 
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
@@ -102,46 +73,10 @@ def test_two_processes_train_identical_weights_like_doubled_accumulation(tmp_pat
     assert ddp[-1] < ddp[0] - 1.0, "the loss goes down"
 
 
-def kubetune_run(
-    job: Path, output: Path, launch: list[str], workdir: Path, tmp_path: Path
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kubetune", "run", str(job), "--output", str(output), *launch],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=env(tmp_path, KUBETUNE_WORKDIR=str(workdir)), start_new_session=True,
-    )  # fmt: skip
-
-
-def kill_everything_started_for(tmp_path: Path) -> None:
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if proc.name.isdigit() and str(tmp_path).encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
-def write_job(tmp_path: Path, **spec: Any) -> Path:
-    path = tmp_path / "job.json"
-    path.write_text(tiny_job(**spec).model_dump_json(by_alias=True))
-    return path
-
-
 def test_two_nodes_rendezvous_and_only_rank_0_publishes(tmp_path: Path) -> None:
     job = write_job(tmp_path, training={"maxSteps": 4, "batchSize": 8, "maxSeqLength": 32}, evaluation=EVAL)
     out = tmp_path / "out"
-    launch = [
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "1",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        "--rdzv-id",
-        "t",
-    ]
+    launch = two_nodes()
     nodes = [kubetune_run(job, out, launch, tmp_path / f"node{i}", tmp_path) for i in range(2)]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs
@@ -153,14 +88,7 @@ def test_two_nodes_rendezvous_and_only_rank_0_publishes(tmp_path: Path) -> None:
 
 
 def test_two_processes_resume_after_kill(tmp_path: Path) -> None:
-    training = {
-        "maxSteps": 40,
-        "learningRate": 0.003,
-        "batchSize": 32,
-        "maxSeqLength": 32,
-        "checkpointEvery": 4,
-    }
-    job = write_job(tmp_path, training=training, evaluation=EVAL)
+    job = write_job(tmp_path, training=short_training(40, 32, checkpointEvery=4), evaluation=EVAL)
     out = tmp_path / "out"
     first = kubetune_run(job, out, ["--nproc-per-node", "2"], tmp_path / "w1", tmp_path)
     deadline = time.monotonic() + 400

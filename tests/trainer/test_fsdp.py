@@ -21,8 +21,7 @@ from kubetune import api
 from kubetune.trainer import modeling
 from kubetune.trainer.stages import train as train_stage
 
-from .conftest import tiny_job
-from .test_distributed import EVAL, env, free_port
+from .conftest import EVAL, env, free_port, tiny_job
 
 pytestmark = pytest.mark.training
 SHIM = Path(__file__).with_name("fsdp_on_cpu")

@@ -17,9 +17,17 @@ import pytest
 from kubetune import contract
 from kubetune.trainer.distributed import Launch, pod_launch
 
-from .test_distributed import env, free_port, kill_everything_started_for, kubetune_run, write_job
+from .conftest import (
+    EVAL,
+    env,
+    kill_everything_started_for,
+    kubetune_run,
+    short_training,
+    sigterm_once_training,
+    two_nodes,
+    write_job,
+)
 
-EVAL = {"metrics": ["loss"], "baseline": False}
 STOPPED = re.compile(r"stopped by SIGTERM at step (\d+) after checkpointing")
 
 
@@ -64,28 +72,11 @@ def test_pod_launch_hosts_the_rendezvous_on_node_rank_0_and_uses_the_grace_perio
 
 @pytest.mark.training
 def test_sigterm_to_the_launcher_checkpoints_one_step_on_every_rank_and_resumes(tmp_path: Path) -> None:
-    training = {
-        "maxSteps": 150,
-        "learningRate": 0.003,
-        "batchSize": 8,
-        "maxSeqLength": 32,
-        "checkpointEvery": 1000,
-    }
-    job = write_job(tmp_path, training=training, evaluation=EVAL)
+    job = write_job(tmp_path, training=short_training(150, 8, checkpointEvery=1000), evaluation=EVAL)
     out = tmp_path / "out"
     try:
         first = kubetune_run(job, out, ["--nproc-per-node", "2"], tmp_path / "w1", tmp_path)
-        assert first.stdout is not None
-        lines = []
-        for line in first.stdout:
-            lines.append(line)
-            if "▶ train" in line:
-                break
-        time.sleep(3)
-        first.send_signal(signal.SIGTERM)  # the launcher alone, as the kubelet signals PID 1
-        lines += first.stdout.readlines()
-        first.wait(timeout=120)
-        log = "".join(lines)
+        log = sigterm_once_training(first)  # the launcher alone, as the kubelet signals PID 1
         assert first.returncode == contract.FAILURE, log
         stops = [int(step) for step in STOPPED.findall(log)]
         assert len(stops) == 2, f"both ranks stop on the signal: {log}"
@@ -119,11 +110,6 @@ def _node_processes(workdir: Path) -> list[int]:
     return found
 
 
-def _two_nodes() -> list[str]:
-    endpoint = f"127.0.0.1:{free_port()}"
-    return ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--rdzv-id", "t"]
-
-
 @pytest.mark.training
 def test_when_rank_0_fails_after_training_no_peer_succeeds(tmp_path: Path) -> None:
     # Publishing fails on rank 0 (the output is under a regular file) after every rank trained.
@@ -132,7 +118,7 @@ def test_when_rank_0_fails_after_training_no_peer_succeeds(tmp_path: Path) -> No
     job = write_job(tmp_path, training={"maxSteps": 4, "batchSize": 8, "maxSeqLength": 32}, evaluation=EVAL)
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    launch = _two_nodes()
+    launch = two_nodes()
     try:
         nodes = [
             kubetune_run(job, blocker / "out", launch, tmp_path / f"node{i}", tmp_path) for i in range(2)
@@ -147,10 +133,9 @@ def test_when_rank_0_fails_after_training_no_peer_succeeds(tmp_path: Path) -> No
 
 @pytest.mark.training
 def test_a_lost_node_makes_its_peer_exit_with_the_peer_lost_code(tmp_path: Path) -> None:
-    training = {"maxSteps": 400, "learningRate": 0.003, "batchSize": 16, "maxSeqLength": 32}
-    job = write_job(tmp_path, training=training, evaluation=EVAL)
+    job = write_job(tmp_path, training=short_training(400, 16), evaluation=EVAL)
     out = tmp_path / "out"
-    launch = _two_nodes()
+    launch = two_nodes()
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     try:
         nodes = [

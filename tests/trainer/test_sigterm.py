@@ -4,48 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_job
+from .conftest import EVAL, short_training, sigterm_once_training, write_job
 
 pytestmark = pytest.mark.training
 
 
 def test_sigterm_saves_a_checkpoint_that_the_next_attempt_resumes(tmp_path: Path) -> None:
-    training = {
-        "maxSteps": 400,
-        "learningRate": 0.003,
-        "batchSize": 32,
-        "maxSeqLength": 32,
-        "checkpointEvery": 1000,
-    }
-    job = tmp_path / "job.json"
-    job.write_text(
-        tiny_job(training=training, evaluation={"metrics": ["loss"], "baseline": False}).model_dump_json(
-            by_alias=True
-        )
-    )
+    job = write_job(tmp_path, training=short_training(400, 32, checkpointEvery=1000), evaluation=EVAL)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "kubetune", "run", str(job), "--output", str(out)]
     env = os.environ | {"KUBETUNE_WORKDIR": str(tmp_path / "work")}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert first.stdout is not None
-    lines = []
-    for line in first.stdout:
-        lines.append(line)
-        if "▶ train" in line:
-            break
-    time.sleep(3)
-    first.send_signal(signal.SIGTERM)
-    lines += first.stdout.readlines()
-    first.wait(timeout=120)
-    log = "".join(lines)
+    log = sigterm_once_training(first)
     assert first.returncode == 1, log
     assert "stopped by SIGTERM at step " in log and " after checkpointing" in log
     saved = [p.parent.name for p in (out / "checkpoints").glob("step-*/COMPLETE")]
