@@ -8,6 +8,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -192,6 +193,41 @@ def trainer_pods(kube: Kube, namespace: str) -> list[dict[str, Any]]:
     """The pods of the namespace's trainer Jobs, oldest first."""
     pods = kube.list("Pod", namespace, label_selector="batch.kubernetes.io/job-name")
     return sorted(pods, key=lambda pod: str(pod["metadata"]["creationTimestamp"]))
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where a test runs FineTuneJobs: the cluster with kubetune installed, a fresh namespace
+    holding the S3 credentials, and a fresh bucket."""
+
+    cluster: Cluster
+    kube: Kube
+    namespace: str
+    s3: S3Server
+    bucket: str
+
+    def finetunejob(self, name: str, **overrides: Any) -> dict[str, Any]:
+        return finetunejob(name, self.namespace, self.s3, self.bucket, **overrides)
+
+    @contextmanager
+    def described(self, *errors: type[BaseException]) -> Iterator[None]:
+        """Turn ``errors`` into an AssertionError that shows :func:`describe`."""
+        try:
+            yield
+        except errors as error:
+            raise AssertionError(f"{error}\n{describe(self.cluster, self.namespace)}") from error
+
+
+@pytest.fixture
+def e2e_run(
+    e2e_cluster: Cluster,
+    e2e_api: Kube,
+    kubetune_release: str,
+    e2e_namespace: str,
+    e2e_s3: S3Server,
+    e2e_bucket: str,
+) -> Run:
+    return Run(e2e_cluster, e2e_api, e2e_namespace, e2e_s3, e2e_bucket)
 
 
 def describe(cluster: Cluster, namespace: str) -> str:

@@ -24,9 +24,8 @@ from kubetune.operator.kube import Kube
 from kubetune.storage import ObjectStore
 from kubetune.testing import node
 from kubetune.testing.controlplane import KUBERNETES_VERSION
-from kubetune.testing.s3 import S3Server
 
-from .conftest import Cluster, describe, finetunejob, status, trainer_pods, wait_for
+from .conftest import Cluster, Run, status, trainer_pods, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -109,6 +108,12 @@ class PhaseRecorder:
         self._done.set()
         self._thread.join()
 
+    def __enter__(self) -> PhaseRecorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
 
 def finished(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
     found = status(kube, namespace, name)
@@ -120,23 +125,14 @@ def running_trainer(kube: Kube, namespace: str) -> dict[str, Any] | None:
     return pods[-1] if pods and pods[-1]["status"].get("podIP") else None
 
 
-def test_a_finetunejob_trains_in_a_real_trainer_container(
-    e2e_cluster: Cluster,
-    e2e_api: Kube,
-    kubetune_release: str,
-    e2e_namespace: str,
-    e2e_s3: S3Server,
-    e2e_bucket: str,
-    tmp_path: Path,
-) -> None:
-    ns = e2e_namespace
-    job = finetunejob("dates", ns, e2e_s3, e2e_bucket)
+def test_a_finetunejob_trains_in_a_real_trainer_container(e2e_run: Run, tmp_path: Path) -> None:
+    e2e_cluster, e2e_api, ns = e2e_run.cluster, e2e_run.kube, e2e_run.namespace
+    job = e2e_run.finetunejob("dates")
     job["spec"]["training"]["maxSteps"] = 120
     # The image's llama.cpp (built for any x86-64 CPU) quantizes and checks a GGUF export.
     job["spec"]["export"] = {"merge": True, "quantize": ["gguf-q8_0"]}
-    recorder = PhaseRecorder(e2e_api, ns, "dates")
-    e2e_api.create(job)
-    try:
+    with PhaseRecorder(e2e_api, ns, "dates") as recorder, e2e_run.described(TimeoutError, AssertionError):
+        e2e_api.create(job)
         trainer = wait_for(lambda: running_trainer(e2e_api, ns), timeout=300, what="a running trainer pod")
         [container] = trainer["spec"]["containers"]
         assert container["image"] == "localhost/kubetune-trainer:dev"
@@ -158,10 +154,6 @@ def test_a_finetunejob_trains_in_a_real_trainer_container(
         done = wait_for(lambda: finished(e2e_api, ns, "dates"), timeout=900, what="the job to finish")
         assert done["phase"] == "Succeeded", done
         wait_for(lambda: "Succeeded" in recorder.phases, timeout=30, what="the recorder to see Succeeded")
-    except (TimeoutError, AssertionError) as error:
-        raise AssertionError(f"{error}\n{describe(e2e_cluster, ns)}") from error
-    finally:
-        recorder.stop()
     phases = recorder.phases
     assert phases[0] == "Pending", phases
     assert phases.index("Pending") < phases.index("Running") < phases.index("Succeeded"), phases
@@ -171,9 +163,9 @@ def test_a_finetunejob_trains_in_a_real_trainer_container(
     assert progress["loss"] > 0 and progress["tokensPerSecond"] > 0
     assert done["results"]["after"]["loss"] < done["results"]["before"]["loss"]
     manifest = done["artifacts"]["manifest"]
-    assert manifest == f"s3://{e2e_bucket}/runs/{ns}/dates/manifest.json"
+    assert manifest == f"s3://{e2e_run.bucket}/runs/{ns}/dates/manifest.json"
     # Every file the manifest lists is there with its size and SHA-256 (pull checks each).
-    pulled = pull(ObjectStore(e2e_s3.storage_config()), manifest.removesuffix("/manifest.json"), tmp_path)
+    pulled = pull(ObjectStore(e2e_run.s3.storage_config()), manifest.removesuffix("/manifest.json"), tmp_path)
     paths = {f.path for f in pulled.manifest.files}
     assert "adapter/adapter_model.safetensors" in paths and "metrics.json" in paths
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
@@ -185,25 +177,18 @@ def test_a_finetunejob_trains_in_a_real_trainer_container(
     logs = e2e_cluster.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
     for stage in ("fetch", "prepare", "baseline", "train", "evaluate", "merge", "quantize", "push"):
         assert f"▶ {stage}" in logs and f"✓ {stage}" in logs, f"stage {stage} missing from the log:\n{logs}"
-    assert e2e_s3.secret_key not in logs
+    assert e2e_run.s3.secret_key not in logs
 
 
-def test_an_evicted_trainer_resumes_from_its_checkpoint_without_spending_a_retry(
-    e2e_cluster: Cluster,
-    e2e_api: Kube,
-    kubetune_release: str,
-    e2e_namespace: str,
-    e2e_s3: S3Server,
-    e2e_bucket: str,
-) -> None:
+def test_an_evicted_trainer_resumes_from_its_checkpoint_without_spending_a_retry(e2e_run: Run) -> None:
     """A drain or a preemption evicts the pod: SIGTERM, a checkpoint, a replacement that
     resumes. backoffLimit 0 makes any failure that counts fail the job."""
-    ns = e2e_namespace
-    job = finetunejob("dates", ns, e2e_s3, e2e_bucket, backoffLimit=0)
+    e2e_cluster, e2e_api, ns = e2e_run.cluster, e2e_run.kube, e2e_run.namespace
+    job = e2e_run.finetunejob("dates", backoffLimit=0)
     job["spec"]["training"] |= {"maxSteps": 400, "checkpointEvery": 25}
     job["spec"]["evaluation"] = {"metrics": ["loss"], "baseline": False, "maxSamples": 8}
     e2e_api.create(job)
-    try:
+    with e2e_run.described(TimeoutError, AssertionError):
         first = wait_for(lambda: running_trainer(e2e_api, ns), timeout=300, what="a running trainer pod")
         wait_for(
             lambda: (status(e2e_api, ns, "dates").get("progress") or {}).get("step", 0) >= 40,
@@ -225,8 +210,6 @@ def test_an_evicted_trainer_resumes_from_its_checkpoint_without_spending_a_retry
         second = wait_for(replacement, timeout=300, what="the replacement trainer pod")
         done = wait_for(lambda: finished(e2e_api, ns, "dates"), timeout=900, what="the job to finish")
         assert done["phase"] == "Succeeded", done
-    except (TimeoutError, AssertionError) as error:
-        raise AssertionError(f"{error}\n{describe(e2e_cluster, ns)}") from error
     logs = e2e_cluster.kubectl("logs", "-n", ns, second["metadata"]["name"]).stdout
     resumed = re.search(r"resuming from checkpoint step (\d+)", logs)
     assert resumed, logs
@@ -238,33 +221,24 @@ def test_an_evicted_trainer_resumes_from_its_checkpoint_without_spending_a_retry
     assert [p["metadata"]["uid"] for p in trainer_pods(e2e_api, ns)] == [second["metadata"]["uid"]]
 
 
-def test_a_bad_dataset_fails_the_job_once_naming_the_file_and_line(
-    e2e_cluster: Cluster,
-    e2e_api: Kube,
-    kubetune_release: str,
-    e2e_namespace: str,
-    e2e_s3: S3Server,
-    e2e_bucket: str,
-) -> None:
-    ns = e2e_namespace
+def test_a_bad_dataset_fails_the_job_once_naming_the_file_and_line(e2e_run: Run) -> None:
+    e2e_api, ns = e2e_run.kube, e2e_run.namespace
     rows = [
         '{"prompt": "2020-01-01 ->", "completion": " January"}',
         '{"prompt": "2020-02-01 ->", "completion": " February"}',
         '{"prompt": "2020-03-01 ->", "completion": ',
     ]
-    client = e2e_s3.client()
-    client.put_object(Bucket=e2e_bucket, Key="data/bad.jsonl", Body="\n".join(rows).encode() + b"\n")
+    client = e2e_run.s3.client()
+    client.put_object(Bucket=e2e_run.bucket, Key="data/bad.jsonl", Body="\n".join(rows).encode() + b"\n")
     client.close()
     dataset = {
-        "train": f"s3://{e2e_bucket}/data/bad.jsonl",
+        "train": f"s3://{e2e_run.bucket}/data/bad.jsonl",
         "validationSplit": 0.3,
         "format": "prompt-completion",
     }
-    e2e_api.create(finetunejob("broken", ns, e2e_s3, e2e_bucket, dataset=dataset, backoffLimit=2))
-    try:
+    e2e_api.create(e2e_run.finetunejob("broken", dataset=dataset, backoffLimit=2))
+    with e2e_run.described(TimeoutError):
         done = wait_for(lambda: finished(e2e_api, ns, "broken"), timeout=600, what="the job to finish")
-    except TimeoutError as error:
-        raise AssertionError(f"{error}\n{describe(e2e_cluster, ns)}") from error
     assert done["phase"] == "Failed", done
     assert "bad.jsonl" in done["message"] and re.search(r"bad\.jsonl:3\b", done["message"]), done["message"]
     assert len(trainer_pods(e2e_api, ns)) == 1, "a configuration error is not retried"
