@@ -24,26 +24,17 @@ from kubetune.trainer.data.templates import ALPACA_PREAMBLE, ALPACA_PREAMBLE_WIT
 
 F, T = False, True
 
-OPENAI = {
-    "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris"},
-        {"role": "user", "content": "And Japan?"},
-        {"role": "assistant", "content": "東京"},
-        {"role": "user", "content": "a trailing question nobody answers"},
-    ]
-}
-SHAREGPT = {
-    "conversations": [
-        {"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "Capital of France?"},
-        {"from": "gpt", "value": "Paris"},
-        {"from": "human", "value": "And Japan?"},
-        {"from": "gpt", "value": "東京"},
-        {"from": "human", "value": "a trailing question nobody answers"},
-    ]
-}
+TURNS = [
+    ("system", "Be brief."),
+    ("user", "Capital of France?"),
+    ("assistant", "Paris"),
+    ("user", "And Japan?"),
+    ("assistant", "東京"),
+    ("user", "a trailing question nobody answers"),
+]
+OPENAI = {"messages": [{"role": role, "content": text} for role, text in TURNS]}
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+SHAREGPT = {"conversations": [{"from": SHAREGPT_ROLES[role], "value": text} for role, text in TURNS]}
 CHATML_SEGMENTS = [
     Segment(
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
@@ -195,28 +186,31 @@ def test_model_template_with_bos_in_the_text(make_tokenizer: Callable[..., Any])
     ]
 
 
-def test_template_that_rewrites_earlier_turns_is_refused(make_tokenizer: Callable[..., Any]) -> None:
-    """A template whose rendering of turn 1 depends on the number of turns cannot be split exactly."""
-    tok = make_tokenizer(
-        chat_template=(
+@pytest.mark.parametrize(
+    ("chat_template", "message"),
+    [
+        # A template whose rendering of turn 1 depends on the number of turns cannot be split exactly.
+        (
             "{% for m in messages %}{{ m.role }} {{ loop.index }}/{{ messages | length }}: {{ m.content }}\n"
-            "{% endfor %}"
-        )
-    )
+            "{% endfor %}",
+            "the model chat template does not render this conversation's turns as prefixes of each other, "
+            "so the assistant turns cannot be found exactly; use template chatml",
+        ),
+        # Template errors become data errors.
+        (
+            "{{ raise_exception('roles must alternate') }}",
+            "the model's chat template refused this row: roles must alternate",
+        ),
+    ],
+    ids=["rewrites-earlier-turns", "raises"],
+)
+def test_a_model_template_that_cannot_render_the_row_is_refused(
+    make_tokenizer: Callable[..., Any], chat_template: str, message: str
+) -> None:
+    tok = make_tokenizer(chat_template=chat_template)
     with pytest.raises(DataError) as e:
         segments({"prompt": "hi", "completion": "hello"}, "model", tokenizer=tok)
-    assert str(e.value) == (
-        "the model chat template does not render this conversation's turns as prefixes of each other, "
-        "so the assistant turns cannot be found exactly; use template chatml"
-    )
-
-
-def test_template_errors_become_data_errors(make_tokenizer: Callable[..., Any]) -> None:
-    tok = make_tokenizer(chat_template="{{ raise_exception('roles must alternate') }}")
-    with pytest.raises(
-        DataError, match=r"^the model's chat template refused this row: roles must alternate$"
-    ):
-        segments({"prompt": "hi", "completion": "hello"}, "model", tokenizer=tok)
+    assert str(e.value) == message
 
 
 def test_eval_pairs_are_the_rendered_prompt_and_the_reference(chat_tokenizer: Any) -> None:
