@@ -24,9 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under python -P
+
+from _common import HERE, status_kib, write_json
+
 from kubetune import api, memory
 
-HERE = Path(__file__).resolve().parent
 GIB = 1024**3
 
 # torchtune's recipes take the loss over chunks of the output (CEWithChunkedOutputLoss): planned as
@@ -35,42 +38,61 @@ PACKED = {"batchSize": 2, "maxSeqLength": 2048, "packing": True, "liger": True}
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QVO_MLP = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QKV = ["q_proj", "k_proj", "v_proj"]
+
+
+def lora(r: int, alpha: int, targets: list[str] | None = None, dropout: float = 0.0) -> dict[str, Any]:
+    return {"r": r, "alpha": alpha, "dropout": dropout} | ({"targetModules": targets} if targets else {})
+
+
+def case(
+    source: str,
+    published_gib: float,
+    model: str,
+    method: str,
+    adapter: dict[str, Any],
+    training: dict[str, Any],
+    resources: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A published figure and the FineTuneJob spec sections of the run it is about (one GPU unless
+    ``resources`` says otherwise)."""
+    spec = {
+        "model": {"name": model},
+        "method": method,
+        "lora": adapter,
+        "training": training,
+        "resources": resources or {"gpus": 1},
+    }
+    return {"source": source, "published_gib": published_gib, "spec": spec}
+
+
 PUBLISHED: list[dict[str, Any]] = [
-    {
-        "source": "torchtune README, Llama 3.1 8B LoRA, 1x A6000 (llama3_1/8B_lora_single_device: r8 "
+    case(
+        "torchtune README, Llama 3.1 8B LoRA, 1x A6000 (llama3_1/8B_lora_single_device: r8 "
         "q/v/o + MLP; the config's default is activation checkpointing on, the README does not say "
         "what the A6000 row changed: its 4090 row is 16.2 GiB)",
-        "published_gib": 30.3,
-        "spec": {"model": {"name": "meta-llama/Llama-3.1-8B"}, "method": "lora",
-                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": QVO_MLP},
-                 "training": {**PACKED, "gradientCheckpointing": True}, "resources": {"gpus": 1}},
-    },
-    {
-        "source": "torchtune README, Llama 3.1 8B QLoRA, 1x RTX 4090 (llama3_1/8B_qlora_single_device: "
+        30.3,
+        "meta-llama/Llama-3.1-8B", "lora", lora(8, 16, QVO_MLP), {**PACKED, "gradientCheckpointing": True},
+    ),
+    case(
+        "torchtune README, Llama 3.1 8B QLoRA, 1x RTX 4090 (llama3_1/8B_qlora_single_device: "
         "r8 all attention + MLP, activation checkpointing on)",
-        "published_gib": 7.4,
-        "spec": {"model": {"name": "meta-llama/Llama-3.1-8B"}, "method": "qlora",
-                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ALL},
-                 "training": {**PACKED, "gradientCheckpointing": True}, "resources": {"gpus": 1}},
-    },
-    {
-        "source": "torchtune README, Llama 3.1 70B LoRA, 8x A100 (llama3_1/70B_lora: r16 q/k/v, FSDP, "
+        7.4,
+        "meta-llama/Llama-3.1-8B", "qlora", lora(8, 16, ALL), {**PACKED, "gradientCheckpointing": True},
+    ),
+    case(
+        "torchtune README, Llama 3.1 70B LoRA, 8x A100 (llama3_1/70B_lora: r16 q/k/v, FSDP, "
         "activation checkpointing on)",
-        "published_gib": 27.6,
-        "spec": {"model": {"name": "meta-llama/Llama-3.1-70B"}, "method": "lora",
-                 "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": QKV},
-                 "training": {**PACKED, "gradientCheckpointing": True, "strategy": "fsdp"},
-                 "resources": {"gpus": 8}},
-    },
-    {
-        "source": "QLoRA paper (Dettmers et al. 2023), LLaMA 65B QLoRA on one 48 GB GPU (r64 all linear, "
+        27.6,
+        "meta-llama/Llama-3.1-70B", "lora", lora(16, 32, QKV),
+        {**PACKED, "gradientCheckpointing": True, "strategy": "fsdp"}, {"gpus": 8},
+    ),
+    case(
+        "QLoRA paper (Dettmers et al. 2023), LLaMA 65B QLoRA on one 48 GB GPU (r64 all linear, "
         "dropout 0.05, batch 1, 512 tokens, gradient checkpointing); an upper bound, 48 GB = 44.7 GiB",
-        "published_gib": 48e9 / GIB,
-        "spec": {"model": {"name": "huggyllama/llama-65b"}, "method": "qlora",
-                 "lora": {"r": 64, "alpha": 16, "dropout": 0.05},
-                 "training": {"batchSize": 1, "maxSeqLength": 512, "gradientCheckpointing": True},
-                 "resources": {"gpus": 1, "gpuMemory": "48G"}},
-    },
+        48e9 / GIB,
+        "huggyllama/llama-65b", "qlora", lora(64, 16, dropout=0.05),
+        {"batchSize": 1, "maxSeqLength": 512, "gradientCheckpointing": True}, {"gpus": 1, "gpuMemory": "48G"},
+    ),
 ]  # fmt: skip
 
 
@@ -154,13 +176,13 @@ def child(method: str, workdir: str, model_dir: str, processes: int) -> None:
                      reporter=SilentReporter(), run_id="bench")  # fmt: skip
     fetch.run(ctx)
     prepare.run(ctx)
-    before = _status("VmRSS")
+    before = status_kib("VmRSS") * 1024
     peak = {"bytes": 0}
     plain = Trainer.train
 
     def measured_train(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = plain(self, *args, **kwargs)
-        peak["bytes"] = _status("VmHWM")
+        peak["bytes"] = status_kib("VmHWM") * 1024
         return out
 
     Trainer.train = measured_train  # type: ignore[method-assign]
@@ -171,17 +193,9 @@ def child(method: str, workdir: str, model_dir: str, processes: int) -> None:
     distributed.shutdown()
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def measured() -> list[dict[str, Any]]:
     import tempfile
 
-    sys.path.insert(0, str(HERE))  # run with -P: the benchmarks beside this file
     from trainer_vs_recipe import build_small_model
 
     rows = []
@@ -254,7 +268,7 @@ def main() -> None:
         for row in out["measured"]:
             print(f"{row['model']} {row['method']} x{row['processes']} {row['strategy']}: "
                   f"{row['measured_mib']} MiB measured, {row['planned_mib']} planned")  # fmt: skip
-    args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under python -P
+
+from _common import HERE, load1, status_kib, write_json
+
 SIZES = {  # name: (hidden, intermediate, layers, vocabulary)
     "100M": (768, 2048, 12, 32000),
     "200M": (1024, 2816, 12, 32000),
@@ -56,24 +58,15 @@ def child(kind: str, base: str, adapter: str, out: str) -> None:
 
     from kubetune.trainer import merging
 
-    before = _status("VmRSS")
+    before = status_kib("VmRSS") * 1024
     started = time.monotonic()
     if kind == "peft":
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
         model.merge_and_unload().save_pretrained(out, safe_serialization=True)
     else:
         merging.merge_shards(Path(base), Path(adapter), Path(out), dtype=torch.float32)
-    peak = _status("VmHWM")
+    peak = status_kib("VmHWM") * 1024
     print(json.dumps({"baseline_bytes": before, "peak_bytes": peak, "seconds": time.monotonic() - started}))
-
-
-def _status(field: str) -> int:
-    """A figure of /proc/self/status in bytes. VmHWM is this process's own peak RSS; ru_maxrss is
-    not: Linux carries it over from the parent across fork and exec."""
-    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(kind: str, base: Path, adapter: Path, out: Path) -> dict[str, Any]:
@@ -107,7 +100,7 @@ def main() -> None:
                 "checkpoint_bytes": sum(f.stat().st_size for f in shards),
                 "shard_files": len(shards),
                 "largest_shard_bytes": max(f.stat().st_size for f in shards),
-                "load_before": os.getloadavg()[0],
+                "load_before": load1(),
             }
             for kind in ("peft", "shards"):
                 row[kind] = measure(kind, base, adapter, root / f"out-{kind}")
@@ -119,7 +112,7 @@ def main() -> None:
                 f"shard merge {row['shards']['merge_bytes'] / 2**20:,.0f} MiB above the imports",
                 flush=True,
             )
-    args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Results: a table on stdout and raw figures in ``bench/operator_scale.json``.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
@@ -46,6 +45,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _common import (
+    HERE,
+    Column,
+    comma_list,
+    cpu_seconds,
+    load1,
+    now,
+    parser_for,
+    print_columns,
+    status_kib,
+    write_results,
+)
 from kubernetes.client import ApiClient
 from prometheus_client.parser import text_string_to_metric_families
 from urllib3.exceptions import ProtocolError
@@ -55,8 +66,18 @@ from kubetune.operator.kube import Kube
 from kubetune.operator.testing import install_crd
 from kubetune.testing.controlplane import ControlPlane, free_port
 
-HERE = Path(__file__).resolve().parent
 Counts = dict[tuple[str, str], float]
+COLUMNS: tuple[Column, ...] = (
+    ("jobs", "size", ">5"),
+    ("p50 s", "latency_p50_s", ">6.2f"),
+    ("p99 s", "latency_p99_s", ">6.2f"),
+    ("max s", "latency_max_s", ">6.2f"),
+    ("all Jobs s", "all_jobs_seconds", ">10.1f"),
+    ("jobs/s", "jobs_per_second", ">7.1f"),
+    ("req/job", "requests_per_job", ">7.1f"),
+    ("idle MB", "operator_idle_rss_mb", ">7.0f"),
+    ("peak MB", "operator_peak_rss_mb", ">7.0f"),
+)
 
 
 def manifest(namespace: str, name: str) -> dict[str, Any]:
@@ -95,13 +116,6 @@ def request_counts(kube: Kube) -> Counts:
                 resource += "/" + sample.labels["subresource"]
             counts[(sample.labels["verb"], resource)] += sample.value
     return counts
-
-
-def vm_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 class JobWatch(threading.Thread):
@@ -158,7 +172,7 @@ class RssSampler(threading.Thread):
         start = time.monotonic()
         while not self.stop.wait(0.25):
             try:
-                self.samples.append((round(time.monotonic() - start, 2), vm_kib(self.pid, "VmRSS")))
+                self.samples.append((round(time.monotonic() - start, 2), status_kib("VmRSS", self.pid)))
             except (FileNotFoundError, KeyError):
                 return
 
@@ -231,12 +245,6 @@ def wait_quiet(kube: Kube, namespace: str, n: int, deadline: float) -> tuple[int
         previous = current
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def control_plane_pids() -> dict[str, int]:
     """kube-apiserver and etcd, started by this process's ControlPlane."""
     import psutil
@@ -303,14 +311,14 @@ def run_size(
     proc, _ = start_operator(plane, namespace, log)
     try:
         time.sleep(2.0)  # the operator's watches are open and settled
-        idle_rss = vm_kib(proc.pid, "VmRSS")
+        idle_rss = status_kib("VmRSS", proc.pid)
         watch = JobWatch(admin, namespace)
         watch.start()
         watch.opened.wait(10)
         sampler = RssSampler(proc.pid)
         sampler.start()
         before = request_counts(kube)
-        load = os.getloadavg()[0]
+        load = load1()
         pids = {"operator": proc.pid, **control_plane_pids()}
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         spy = profile(py_spy, proc.pid, work / f"profile-{n}.txt")
@@ -326,7 +334,7 @@ def run_size(
         missing = n - watch.count()
         own_lists, after = wait_quiet(kube, namespace, n, deadline)
         quiet = time.monotonic()
-        peak_rss = vm_kib(proc.pid, "VmHWM")
+        peak_rss = status_kib("VmHWM", proc.pid)
         sampler.stop.set()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -382,9 +390,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_for(__doc__)
     parser.add_argument("--sizes", default="100,500,1000")
     parser.add_argument(
         "--rate", type=float, default=0.0, help="FineTuneJobs per second; 0 = as fast as possible"
@@ -396,8 +402,8 @@ def main() -> int:
     parser.add_argument("--py-spy", help="path of a py-spy binary: profile the operator during the apply")
     parser.add_argument("--output", type=Path, default=HERE / "operator_scale.json")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    sizes = [int(s) for s in comma_list(args.sizes)]
+    started = now()
     results = []
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-operator-") as scratch:
         work = Path(scratch)
@@ -422,19 +428,7 @@ def main() -> int:
     )
     print(f"\nFineTuneJobs {mode}; apply -> trainer Job latency from a watch; median of {args.repeats}")
     summary = [median_of([r for r in results if r["size"] == n]) for n in sizes]
-    header = (
-        f"{'jobs':>5} {'p50 s':>6} {'p99 s':>6} {'max s':>6} {'all Jobs s':>10} {'jobs/s':>7} "
-        f"{'req/job':>7} {'idle MB':>7} {'peak MB':>7}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in summary:
-        print(
-            f"{r['size']:>5} {r['latency_p50_s']:>6.2f} {r['latency_p99_s']:>6.2f} "
-            f"{r['latency_max_s']:>6.2f} "
-            f"{r['all_jobs_seconds']:>10.1f} {r['jobs_per_second']:>7.1f} {r['requests_per_job']:>7.1f} "
-            f"{r['operator_idle_rss_mb']:>7.0f} {r['operator_peak_rss_mb']:>7.0f}"
-        )
+    print_columns(summary, COLUMNS)
     if results and results[-1]["operator_profile"]:
         print("\noperator CPU samples by package and function, self time (largest size):")
         for frame, share in results[-1]["operator_profile"]:
@@ -443,19 +437,8 @@ def main() -> int:
         print("\nrequests per FineTuneJob by kind (largest size):")
         for kind, v in sorted(results[-1]["requests_per_job_by_kind"].items(), key=lambda kv: -kv[1]):
             print(f"  {kind:<40} {v:>6.2f}")
-    args.output.write_text(
-        json.dumps(
-            {
-                "command": " ".join([".venv/bin/python", "bench/operator_scale.py", *sys.argv[1:]]),
-                "started": started,
-                "nproc": os.cpu_count(),
-                "summary": summary,
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    figures = {"nproc": os.cpu_count(), "summary": summary, "results": results}
+    write_results(args.output, __file__, started, figures)
     print(f"\nraw figures: {args.output}")
     return 0
 

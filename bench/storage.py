@@ -30,8 +30,6 @@ Results: a table on stdout and raw figures in ``bench/storage.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import resource
@@ -45,10 +43,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import HERE, comma_list, cpu_seconds, load1, now, parser_for, print_table, shown, write_results
+
 from kubetune.storage import MiB, ObjectStore, parse_uri
 from kubetune.testing.s3 import S3Server
 
-HERE = Path(__file__).resolve().parent
 BLOCK = 1 * MiB
 # A tokenizer's and config's small files, sizes as in a Llama 3 8B checkpoint.
 SMALL_FILES = {
@@ -82,12 +81,6 @@ def client_cpu() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def server_cpu(server: S3Server) -> float:
-    """CPU seconds of the S3 server process so far (Linux /proc)."""
-    fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- methods
@@ -187,16 +180,16 @@ def measure(
                     for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
                         download, upload = actions(bench, method)
                         os.sync()
-                        load = os.getloadavg()[0]
+                        load = load1()
                         dest = root / f"dest-{method}-{repeat}"
                         target = f"s3://{bucket}/up/{method}-{repeat}/"
-                        cpu0, server0, t0 = client_cpu(), server_cpu(server), time.perf_counter()
+                        cpu0, server0, t0 = client_cpu(), cpu_seconds(server.pid), time.perf_counter()
                         if direction == "download":
                             download(uri, dest)
                         else:
                             upload(target)
                         seconds = time.perf_counter() - t0
-                        cpu, scpu = client_cpu() - cpu0, server_cpu(server) - server0
+                        cpu, scpu = client_cpu() - cpu0, cpu_seconds(server.pid) - server0
                         if direction == "download":
                             got = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
                             shutil.rmtree(dest)
@@ -257,47 +250,40 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
     return summary
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def summary_line(s: dict[str, Any]) -> str:
+    cpu = f"{s['median_client_cpu_s_per_gb']:.2f} + {s['median_server_cpu_s_per_gb']:.2f}"
+    figures = (
+        f"{s['median_mb_per_s']:>7,.0f} {shown(s['vs_s5cmd'], '.2f'):>8} {cpu:>23}  {s['runs_mb_per_s']}"
     )
+    return f"{s['direction']:<9} {s['method']:<9} {figures}"
+
+
+def main() -> int:
+    parser = parser_for(__doc__)
     parser.add_argument("--files", type=int, default=4, help="safetensors shards")
     parser.add_argument("--file-mib", type=int, default=256, help="MiB per shard")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="kubetune,s5cmd,boto3", help="comma-separated")
     parser.add_argument("--output", type=Path, default=HERE / "storage.json")
     args = parser.parse_args()
-    methods = [m for m in args.methods.split(",") if m]
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    methods = comma_list(args.methods)
+    started = now()
     total, runs = measure(methods, args.files, args.file_mib * MiB, args.repeats)
     summary = summarize(runs, methods)
     print(f"\n{total / 1e6:,.0f} MB ({args.files} x {args.file_mib} MiB + {len(SMALL_FILES)} small files), "
           f"versitygw on loopback, median of {args.repeats}")  # fmt: skip
     header = f"{'direction':<9} {'method':<9} {'MB/s':>7} {'x s5cmd':>8} {'CPU s/GB client+server':>23}  runs"
-    print(header)
-    print("-" * len(header))
-    for s in summary:
-        ratio = f"{s['vs_s5cmd']:.2f}" if s["vs_s5cmd"] is not None else "-"
-        cpu = f"{s['median_client_cpu_s_per_gb']:.2f} + {s['median_server_cpu_s_per_gb']:.2f}"
-        figures = f"{s['median_mb_per_s']:>7,.0f} {ratio:>8} {cpu:>23}  {s['runs_mb_per_s']}"
-        print(f"{s['direction']:<9} {s['method']:<9} {figures}")
+    print_table(header, map(summary_line, summary))
     loads = [r["load_before"] for r in runs]
-    args.output.write_text(
-        json.dumps(
-            {
-                "command": " ".join([".venv/bin/python", "bench/storage.py", *sys.argv[1:]]),
-                "started": started,
-                "nproc": os.cpu_count(),
-                "load_min_max": [min(loads), max(loads)],
-                "bytes": total,
-                "files": args.files + len(SMALL_FILES),
-                "summary": summary,
-                "runs": runs,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    figures = {
+        "nproc": os.cpu_count(),
+        "load_min_max": [min(loads), max(loads)],
+        "bytes": total,
+        "files": args.files + len(SMALL_FILES),
+        "summary": summary,
+        "runs": runs,
+    }
+    write_results(args.output, __file__, started, figures)
     print(f"\nraw figures: {args.output}")
     return 0
 

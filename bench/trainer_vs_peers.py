@@ -50,9 +50,7 @@ Sides are interleaved round by round; the figures are medians.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -64,17 +62,23 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE))  # also under python -P
 
+import _common as common  # noqa: E402
 from trainer_vs_recipe import (  # noqa: E402
     PRESET,
+    SIDE_COLUMNS,
+    Counting,
     _Silent,
+    common_arguments,
     completion_examples,
-    load1,
-    machine,
+    count_slots,
+    finetune_job,
     make_rows,
-    peak_rss_mb,
+    pipeline_figures,
+    prompt_completion,
     read_jsonl,
+    trainer_figures,
     write_jsonl,
 )
 
@@ -105,6 +109,13 @@ LLAMA_1B: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, the vendor's datasheet
+COLUMNS = (
+    ("side", "side", "<17"),
+    *SIDE_COLUMNS,
+    ("GPU MB", "peak_gpu_mb", ">7.0f"),
+    ("MFU", "mfu", ">6.1%"),
+    ("val loss", "validation_loss", ">9.4f"),
+)
 
 
 @dataclass(frozen=True)
@@ -187,42 +198,6 @@ def load_4bit(base_dir: str) -> Any:
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
-class Counting:
-    """Wraps a collator: real tokens (attention mask, or every position without one) and slots."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.tokens = 0
-        self.slots = 0
-
-    def __call__(self, batch: Any) -> Any:
-        out = self.inner(batch)
-        mask = out.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else out["input_ids"].numel()
-        self.slots += out["input_ids"].numel()
-        return out
-
-
-def common_arguments(settings: Settings, output_dir: str) -> dict[str, Any]:
-    return {
-        "output_dir": output_dir,
-        "per_device_train_batch_size": settings.batch_size,
-        "num_train_epochs": 1.0,
-        "learning_rate": settings.learning_rate,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": settings.warmup_ratio,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "seed": settings.seed,
-        "data_seed": settings.seed,
-        "logging_steps": 10,
-        "save_strategy": "no",
-        "report_to": [],
-        "disable_tqdm": True,
-        "use_cpu": not settings.cuda,
-    }
-
-
 # ----------------------------------------------------------------------------- the sides
 
 
@@ -249,17 +224,15 @@ def run_recipe(settings: Settings, side: str) -> dict[str, Any]:
     ids = tokenizer(texts, truncation=True, max_length=settings.max_seq_length)["input_ids"]
     collator = Counting(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
     args = TrainingArguments(
-        **common_arguments(settings, str(Path(settings.workdir) / side)), bf16=settings.cuda
+        **common_arguments(settings, str(Path(settings.workdir) / side), cpu=not settings.cuda),
+        bf16=settings.cuda,
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=[{"input_ids": x} for x in ids], data_collator=collator
     )
     result = trainer.train()
     return {
-        "train_seconds": float(result.metrics["train_runtime"]),
-        "tokens": collator.tokens,
-        "slots": collator.slots,
-        "steps": int(trainer.state.global_step),
+        **trainer_figures(trainer, result, collator),
         "precision": "bf16" if settings.cuda else "fp32",
         "validation_loss": fp32_validation_loss(trainer.model, settings, tokenizer),
     }
@@ -273,7 +246,7 @@ def run_trl(settings: Settings, side: str) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(settings.base_dir)
     train = Dataset.from_list(read_jsonl(settings.train_file))
     config = SFTConfig(
-        **common_arguments(settings, str(Path(settings.workdir) / side)),
+        **common_arguments(settings, str(Path(settings.workdir) / side), cpu=not settings.cuda),
         # TRL refuses max_length without packing when padding-free; no row here is longer anyway.
         max_length=None if side in ("trl-padding-free", "trl-qlora") else settings.max_seq_length,
         packing=side == "trl-packed",
@@ -290,33 +263,19 @@ def run_trl(settings: Settings, side: str) -> dict[str, Any]:
     trainer.data_collator = collator
     result = trainer.train()
     return {
-        "train_seconds": float(result.metrics["train_runtime"]),
-        "tokens": collator.tokens,
-        "slots": collator.slots,
-        "steps": int(trainer.state.global_step),
+        **trainer_figures(trainer, result, collator),
         "precision": "bf16" if config.bf16 else "fp32",
         "validation_loss": fp32_validation_loss(trainer.model, settings, tokenizer),
     }
 
 
 def run_kubetune(settings: Settings, side: str) -> dict[str, Any]:
-    from kubetune import api
     from kubetune.trainer import modeling
     from kubetune.trainer.pipeline import execute
     from kubetune.trainer.run import quiet_libraries
-    from kubetune.trainer.stages import train as train_stage
 
     quiet_libraries()
-    counts = {"slots": 0}
-    counting = train_stage.CountingCollator
-
-    class SlotCounting(counting):  # type: ignore[valid-type,misc]
-        def __call__(self, batch: Sequence[Any]) -> Any:
-            out = super().__call__(batch)
-            counts["slots"] += out["input_ids"].numel()
-            return out
-
-    train_stage.CountingCollator = SlotCounting  # type: ignore[misc]
+    counts = count_slots()
     if side == "kubetune-padded":
         modeling.padding_free_blocker = lambda model: "forced by the benchmark"
     training: dict[str, Any] = {
@@ -332,32 +291,21 @@ def run_kubetune(settings: Settings, side: str) -> dict[str, Any]:
         training["precision"] = "fp32"
     if side == "kubetune-no-liger":
         training["liger"] = False
-    job = api.FineTuneJob.model_validate(
+    job = finetune_job(
+        "bench",
+        Path(settings.workdir) / side / "out",
         {
-            "metadata": {"name": "bench", "namespace": "bench"},
-            "spec": {
-                "model": {"uri": settings.base_dir},
-                "dataset": {
-                    "train": settings.train_file,
-                    "validation": settings.validation_file,
-                    "format": "prompt-completion",
-                },
-                "method": "qlora" if side == "kubetune-qlora" else "lora",
-                "lora": LORA,
-                "training": training,
-                "evaluation": {"metrics": ["loss"], "baseline": False},
-                "export": {"merge": False},
-                "output": {"uri": str(Path(settings.workdir) / side / "out")},
-                "resources": {"gpus": 1 if settings.cuda else 0},
-            },
-        }
+            "model": {"uri": settings.base_dir},
+            "dataset": prompt_completion(settings.train_file, settings.validation_file),
+            "method": "qlora" if side == "kubetune-qlora" else "lora",
+            "lora": LORA,
+            "training": training,
+            "resources": {"gpus": 1 if settings.cuda else 0},
+        },
     )
     ctx = execute(job, _Silent(), workdir=Path(settings.workdir) / side / "work")
     return {
-        "train_seconds": ctx.checks["train_runtime_seconds"],
-        "tokens": ctx.trained_tokens,
-        "slots": counts["slots"],
-        "steps": int(ctx.checks["global_step"]),
+        **pipeline_figures(ctx, counts["slots"]),
         "precision": modeling.precision_of(job.spec.training.precision).why,
         "validation_loss": fp32_validation_loss(ctx.model, settings, ctx.tokenizer),
     }
@@ -373,7 +321,7 @@ def child(side: str, settings_file: Path, result_file: Path) -> None:
         out = run_trl(settings, side)
     else:
         out = run_kubetune(settings, side)
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = common.peak_rss_mb()
     out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if settings.cuda else None
     result_file.write_text(json.dumps(out))
 
@@ -383,33 +331,29 @@ def child(side: str, settings_file: Path, result_file: Path) -> None:
 
 def pretrain_base(out: Path, rows_file: Path, workdir: Path, max_seq_length: int) -> dict[str, Any]:
     """The tiny preset trained in full on the other mapping: a base that knows the format."""
-    from kubetune import api
     from kubetune.trainer import presets
     from kubetune.trainer.pipeline import execute
     from kubetune.trainer.run import quiet_libraries
 
     quiet_libraries()
-    job = api.FineTuneJob.model_validate(
+    job = finetune_job(
+        "base",
+        workdir / "out",
         {
-            "metadata": {"name": "base", "namespace": "bench"},
-            "spec": {
-                "model": {"uri": str(presets.preset_path(PRESET))},
-                "dataset": {"train": str(rows_file), "validationSplit": 0.05, "format": "prompt-completion"},
-                "method": "full",
-                "training": {
-                    "epochs": 1,
-                    "learningRate": 2e-3,
-                    "warmupRatio": 0.05,
-                    "batchSize": 4,
-                    "maxSeqLength": max_seq_length,
-                    "packing": True,
-                },
-                "evaluation": {"metrics": ["loss"], "baseline": True},
-                "export": {"merge": False},
-                "output": {"uri": str(workdir / "out")},
-                "resources": {"gpus": 0},
+            "model": {"uri": str(presets.preset_path(PRESET))},
+            "dataset": {"train": str(rows_file), "validationSplit": 0.05, "format": "prompt-completion"},
+            "method": "full",
+            "training": {
+                "epochs": 1,
+                "learningRate": 2e-3,
+                "warmupRatio": 0.05,
+                "batchSize": 4,
+                "maxSeqLength": max_seq_length,
+                "packing": True,
             },
-        }
+            "resources": {"gpus": 0},
+        },
+        baseline=True,
     )
     started = time.monotonic()
     ctx = execute(job, _Silent(), workdir=workdir / "work")
@@ -460,44 +404,6 @@ def flops_per_token(base_dir: str, mean_length: float) -> float:
 # ----------------------------------------------------------------------------- orchestration
 
 
-def run_side(
-    side: str, repeat: int, settings_file: Path, workdir: Path, threads: int, timeout: float | None = None
-) -> SideResult:
-    result_file = workdir / f"{side}-{repeat}.json"
-    load = load1()
-    env = {
-        **os.environ,
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONWARNINGS": "ignore",
-        "OMP_NUM_THREADS": str(threads),
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", side, str(settings_file), str(result_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    raw = json.loads(result_file.read_text())
-    return SideResult(
-        side=side,
-        repeat=repeat,
-        train_seconds=raw["train_seconds"],
-        tokens=raw["tokens"],
-        slots=raw["slots"],
-        steps=raw["steps"],
-        tokens_per_second=raw["tokens"] / raw["train_seconds"],
-        peak_rss_mb=raw["peak_rss_mb"],
-        validation_loss=raw["validation_loss"],
-        precision=raw["precision"],
-        load_before=load,
-        peak_gpu_mb=raw.get("peak_gpu_mb"),
-    )
-
-
 def summarize(
     results: Sequence[SideResult], sides: Sequence[str], flops: float | None = None
 ) -> list[dict[str, Any]]:
@@ -534,30 +440,8 @@ def summarize(
     return rows
 
 
-def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    header = (
-        f"{'side':<17} {'runs':>4} {'tokens/s':>9} {'x recipe':>8} {'padding':>8} {'steps':>5} "
-        f"{'train s':>8} {'peak RSS MB':>11} {'GPU MB':>7} {'MFU':>6} {'val loss':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-
-    def shown(value: float | None, form: str) -> str:
-        return "-" if value is None else format(value, form)
-
-    for r in rows:
-        print(
-            f"{r['side']:<17} {r['runs']:>4} {r['tokens_per_second']:>9,.0f} {shown(r['speedup'], '.2f'):>8} "
-            f"{r['padding_share']:>8.1%} {r['steps']:>5} {r['train_seconds']:>8.1f} "
-            f"{r['peak_rss_mb']:>11.0f} {shown(r['peak_gpu_mb'], '.0f'):>7} {shown(r['mfu'], '.1%'):>6} "
-            f"{shown(r['validation_loss'], '.4f'):>9}"
-        )
-
-
 def main() -> int:  # noqa: PLR0915
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser_for(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", choices=("tiny", "llama-1b"), default="tiny")
     parser.add_argument(
@@ -579,17 +463,14 @@ def main() -> int:  # noqa: PLR0915
         help="torch threads per side: on a shared machine, more threads than free cores spin and stall",
     )
     parser.add_argument("--output", type=Path, help="raw JSON (default: bench/trainer_vs_peers.json)")
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "SETTINGS", "RESULT"), help=argparse.SUPPRESS)
+    common.add_child(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return 0
     gpu = args.model == "llama-1b"
-    sides = [s for s in (args.sides or ",".join(GPU_SIDES if gpu else SIDES)).split(",") if s]
-    unknown = set(sides) - set(ALL_SIDES)
-    if unknown:
-        parser.error(f"unknown sides: {', '.join(sorted(unknown))}")
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    sides = common.sides_of(parser, args.sides or ",".join(GPU_SIDES if gpu else SIDES), ALL_SIDES)
+    started = common.now()
     import torch
     from transformers import AutoTokenizer
 
@@ -662,29 +543,31 @@ def main() -> int:  # noqa: PLR0915
                     if "file" not in k and k not in ("workdir", "base_dir")
                 },
             }
-            output.write_text(
-                json.dumps(
-                    {
-                        "command": " ".join([".venv/bin/python", "bench/trainer_vs_peers.py", *sys.argv[1:]]),
-                        "started": started,
-                        "machine": machine(),
-                        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-                        "base": base,
-                        "settings": settings_out,
-                        "summary": rows_out,
-                        "failures": failures,
-                        "runs": [asdict(r) for r in results],
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+            figures = {
+                "machine": common.machine(),
+                "gpu": torch.cuda.get_device_name(0) if cuda else None,
+                "base": base,
+                "settings": settings_out,
+                "summary": rows_out,
+                "failures": failures,
+                "runs": [asdict(r) for r in results],
+            }
+            common.write_results(output, __file__, started, figures)
             return rows_out
 
         for repeat in range(args.repeats):
             for side in sides:
                 try:
-                    result = run_side(side, repeat, settings_file, workdir, args.threads, args.side_timeout)
+                    result = common.run_side(
+                        __file__,
+                        SideResult,
+                        side,
+                        repeat,
+                        settings_file,
+                        workdir,
+                        env={"OMP_NUM_THREADS": str(args.threads)},
+                        timeout=args.side_timeout,
+                    )
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     failures.append({"side": side, "repeat": repeat, "error": str(exc)[-3000:]})
                     print(f"run {repeat + 1}/{args.repeats} {side} FAILED: {str(exc)[-1500:]}", flush=True)
@@ -701,7 +584,7 @@ def main() -> int:  # noqa: PLR0915
                 record()
         rows_out = record()
     print()
-    print_table(rows_out)
+    common.print_columns(rows_out, COLUMNS)
     print(f"\nraw figures: {output}")
     return 1 if failures else 0
 

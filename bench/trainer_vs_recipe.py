@@ -31,24 +31,37 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import _common as common
+
 HERE = Path(__file__).resolve().parent
 PRESET = "kubetune/tiny-llama"
 SIDES = ("recipe", "kubetune", "kubetune-unpacked", "kubetune-bf16")
 ALL_SIDES = (*SIDES, "kubetune-compile")
+# The columns of a summary every trainer benchmark prints, after the side's name.
+SIDE_COLUMNS: tuple[common.Column, ...] = (
+    ("runs", "runs", ">4"),
+    ("tokens/s", "tokens_per_second", ">9,.0f"),
+    ("x recipe", "speedup", ">8.2f"),
+    ("padding", "padding_share", ">8.1%"),
+    ("steps", "steps", ">5"),
+    ("train s", "train_seconds", ">8.1f"),
+    ("peak RSS MB", "peak_rss_mb", ">11.0f"),
+)
+COLUMNS = (
+    ("side", "side", "<18"),
+    *SIDE_COLUMNS,
+    ("val loss", "validation_loss", ">9.4f"),
+    ("loss/recipe", "loss_vs_recipe", ">11.3f"),
+)
 # A larger Llama built like the preset (same tokenizer, random weights), for compute-bound figures.
 SMALL: dict[str, Any] = {
     "hidden_size": 512,
@@ -199,16 +212,52 @@ def build_small_model(out: Path) -> None:
 # ----------------------------------------------------------------------------- the two sides
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def held_out_loss(model: Any, settings: Settings, tokenizer: Any) -> float:
     from kubetune.trainer.evaluation import validation_loss
 
     examples = completion_examples(read_jsonl(settings.validation_file), tokenizer)
     model.eval()
     return validation_loss(model, examples, tokenizer.pad_token_id, batch_size=16)
+
+
+class Counting:
+    """Wraps a collator: real tokens (attention mask, or every position without one) and slots."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = 0
+        self.slots = 0
+
+    def __call__(self, batch: Any) -> Any:
+        out = self.inner(batch)
+        mask = out.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else out["input_ids"].numel()
+        self.slots += out["input_ids"].numel()
+        return out
+
+
+def common_arguments(
+    settings: Any, output_dir: str, *, epochs: float = 1.0, cpu: bool = True
+) -> dict[str, Any]:
+    """transformers.TrainingArguments every Trainer-based side shares (``settings``: either
+    benchmark's Settings)."""
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": settings.batch_size,
+        "num_train_epochs": epochs,
+        "learning_rate": settings.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": settings.warmup_ratio,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": settings.seed,
+        "data_seed": settings.seed,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": cpu,
+    }
 
 
 def run_recipe(settings: Settings) -> dict[str, Any]:
@@ -230,49 +279,81 @@ def run_recipe(settings: Settings) -> dict[str, Any]:
         {"input_ids": ids}
         for ids in tokenizer(texts, truncation=True, max_length=settings.max_seq_length)["input_ids"]
     ]
-    lm_collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
-    counts = {"tokens": 0, "slots": 0}
-
-    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = lm_collator(batch)
-        counts["tokens"] += int(out["attention_mask"].sum())
-        counts["slots"] += out["input_ids"].numel()
-        return out
-
+    collator = Counting(DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
     args = TrainingArguments(
-        output_dir=str(Path(settings.workdir) / "recipe"),
-        per_device_train_batch_size=settings.batch_size,
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=settings.warmup_ratio,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
+        **common_arguments(settings, str(Path(settings.workdir) / "recipe"), epochs=settings.epochs)
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     result = trainer.train()
     return {
-        "train_seconds": float(result.metrics["train_runtime"]),
-        "tokens": counts["tokens"],
-        "slots": counts["slots"],
-        "steps": int(trainer.state.global_step),
+        **trainer_figures(trainer, result, collator),
         "validation_loss": held_out_loss(trainer.model, settings, tokenizer),
         "pipeline_validation_loss": None,
     }
+
+
+def finetune_job(name: str, output: Path, spec: dict[str, Any], *, baseline: bool = False) -> Any:
+    """A FineTuneJob as the benchmarks run it: loss-only evaluation, no merged export."""
+    from kubetune import api
+
+    return api.FineTuneJob.model_validate(
+        {
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {
+                **spec,
+                "evaluation": {"metrics": ["loss"], "baseline": baseline},
+                "export": {"merge": False},
+                "output": {"uri": str(output)},
+            },
+        }
+    )
+
+
+def prompt_completion(train_file: str, validation_file: str) -> dict[str, str]:
+    return {"train": train_file, "validation": validation_file, "format": "prompt-completion"}
+
+
+def pipeline_figures(ctx: Any, slots: int) -> dict[str, Any]:
+    """What a side reports of kubetune's pipeline run (``ctx``), and the slots counted on the way."""
+    return {
+        "train_seconds": ctx.checks["train_runtime_seconds"],
+        "tokens": ctx.trained_tokens,
+        "slots": slots,
+        "steps": int(ctx.checks["global_step"]),
+    }
+
+
+def trainer_figures(trainer: Any, result: Any, collator: Any) -> dict[str, Any]:
+    """What a side reports of a ``transformers.Trainer`` run, its tokens and slots from ``collator``."""
+    return {
+        "train_seconds": float(result.metrics["train_runtime"]),
+        "tokens": collator.tokens,
+        "slots": collator.slots,
+        "steps": int(trainer.state.global_step),
+    }
+
+
+def count_slots() -> dict[str, int]:
+    """Makes kubetune's train stage count batch positions, padding included, in ``["slots"]``."""
+    from kubetune.trainer.stages import train as train_stage
+
+    counts = {"slots": 0}
+    counting = train_stage.CountingCollator
+
+    class SlotCounting(counting):  # type: ignore[valid-type,misc]
+        def __call__(self, batch: Sequence[Any]) -> Any:
+            out = super().__call__(batch)
+            counts["slots"] += out["input_ids"].numel()
+            return out
+
+    train_stage.CountingCollator = SlotCounting  # type: ignore[misc]
+    return counts
 
 
 def run_kubetune(settings: Settings, variant: str) -> dict[str, Any]:
     """kubetune's own pipeline (fetch, prepare, train, evaluate, push) on a FineTuneJob spec."""
     import torch
 
-    from kubetune import api
     from kubetune.trainer import modeling
     from kubetune.trainer.pipeline import execute
     from kubetune.trainer.run import quiet_libraries
@@ -280,16 +361,7 @@ def run_kubetune(settings: Settings, variant: str) -> dict[str, Any]:
 
     quiet_libraries()
     packing = variant != "kubetune-unpacked"
-    counts = {"slots": 0}
-    counting = train_stage.CountingCollator
-
-    class SlotCounting(counting):  # type: ignore[valid-type,misc]
-        def __call__(self, batch: Sequence[Any]) -> dict[str, torch.Tensor]:
-            out: dict[str, torch.Tensor] = super().__call__(batch)
-            counts["slots"] += out["input_ids"].numel()
-            return out
-
-    train_stage.CountingCollator = SlotCounting  # type: ignore[misc]
+    counts = count_slots()
     if variant == "kubetune-bf16":
         # Proposed: precision auto/bf16 means bf16 autocast on CPUs with AVX512-BF16 / AMX too.
         modeling.compute_dtype = lambda precision: torch.bfloat16
@@ -304,40 +376,29 @@ def run_kubetune(settings: Settings, variant: str) -> dict[str, Any]:
 
         train_stage.training_arguments = compiled
 
-    job = api.FineTuneJob.model_validate(
+    job = finetune_job(
+        "bench",
+        Path(settings.workdir) / variant / "out",
         {
-            "metadata": {"name": "bench", "namespace": "bench"},
-            "spec": {
-                "model": {"uri": settings.model_dir},
-                "dataset": {
-                    "train": settings.train_file,
-                    "validation": settings.validation_file,
-                    "format": "prompt-completion",
-                },
-                "method": "full",
-                "training": {
-                    "epochs": settings.epochs,
-                    "learningRate": settings.learning_rate,
-                    "scheduler": "cosine",
-                    "warmupRatio": settings.warmup_ratio,
-                    "batchSize": settings.packed_batch_size if packing else settings.batch_size,
-                    "maxSeqLength": settings.max_seq_length,
-                    "packing": packing,
-                    "seed": settings.seed,
-                },
-                "evaluation": {"metrics": ["loss"], "baseline": False},
-                "export": {"merge": False},
-                "output": {"uri": str(Path(settings.workdir) / variant / "out")},
-                "resources": {"gpus": 0},
+            "model": {"uri": settings.model_dir},
+            "dataset": prompt_completion(settings.train_file, settings.validation_file),
+            "method": "full",
+            "training": {
+                "epochs": settings.epochs,
+                "learningRate": settings.learning_rate,
+                "scheduler": "cosine",
+                "warmupRatio": settings.warmup_ratio,
+                "batchSize": settings.packed_batch_size if packing else settings.batch_size,
+                "maxSeqLength": settings.max_seq_length,
+                "packing": packing,
+                "seed": settings.seed,
             },
-        }
+            "resources": {"gpus": 0},
+        },
     )
     ctx = execute(job, _Silent(), workdir=Path(settings.workdir) / variant / "work")
     return {
-        "train_seconds": ctx.checks["train_runtime_seconds"],
-        "tokens": ctx.trained_tokens,
-        "slots": counts["slots"],
-        "steps": int(ctx.checks["global_step"]),
+        **pipeline_figures(ctx, counts["slots"]),
         "validation_loss": held_out_loss(ctx.model, settings, ctx.tokenizer),
         "pipeline_validation_loss": ctx.after.get("loss"),
     }
@@ -368,37 +429,11 @@ class _Silent:
 def child(side: str, settings_file: Path, result_file: Path) -> None:
     settings = Settings(**json.loads(settings_file.read_text()))
     out = run_recipe(settings) if side == "recipe" else run_kubetune(settings, side)
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = common.peak_rss_mb()
     result_file.write_text(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------- orchestration
-
-
-def load1() -> float:
-    return os.getloadavg()[0]
-
-
-def machine() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    flags: set[str] = set()
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "flags": sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx512_vnni"))),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def prepare(args: argparse.Namespace, workdir: Path) -> Settings:
@@ -445,35 +480,6 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Settings:
     )
 
 
-def run_side(side: str, repeat: int, settings_file: Path, workdir: Path) -> SideResult:
-    result_file = workdir / f"{side}-{repeat}.json"
-    load = load1()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", side, str(settings_file), str(result_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    raw = json.loads(result_file.read_text())
-    return SideResult(
-        side=side,
-        repeat=repeat,
-        train_seconds=raw["train_seconds"],
-        tokens=raw["tokens"],
-        slots=raw["slots"],
-        steps=raw["steps"],
-        tokens_per_second=raw["tokens"] / raw["train_seconds"],
-        peak_rss_mb=raw["peak_rss_mb"],
-        validation_loss=raw["validation_loss"],
-        pipeline_validation_loss=raw["pipeline_validation_loss"],
-        load_before=load,
-    )
-
-
 def summarize(results: Sequence[SideResult], sides: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     base = [r for r in results if r.side == "recipe"]
@@ -504,30 +510,8 @@ def summarize(results: Sequence[SideResult], sides: Sequence[str]) -> list[dict[
     return rows
 
 
-def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    header = (
-        f"{'side':<18} {'runs':>4} {'tokens/s':>9} {'x recipe':>8} {'padding':>8} {'steps':>5} "
-        f"{'train s':>8} {'peak RSS MB':>11} {'val loss':>9} {'loss/recipe':>11}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['side']:<18} {r['runs']:>4} {r['tokens_per_second']:>9,.0f} {_ratio(r['speedup']):>8} "
-            f"{r['padding_share']:>8.1%} {r['steps']:>5} {r['train_seconds']:>8.1f} "
-            f"{r['peak_rss_mb']:>11.0f} "
-            f"{r['validation_loss']:>9.4f} {_ratio(r['loss_vs_recipe'], 3):>11}"
-        )
-
-
-def _ratio(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser_for(__doc__)
     parser.add_argument("--model", choices=["tiny", "small"], default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -542,16 +526,13 @@ def main() -> int:
     parser.add_argument(
         "--output", type=Path, help="raw JSON (default: bench/trainer_vs_recipe.<model>.json)"
     )
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "SETTINGS", "RESULT"), help=argparse.SUPPRESS)
+    common.add_child(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return 0
-    sides = [s for s in args.sides.split(",") if s]
-    unknown = set(sides) - set(ALL_SIDES)
-    if unknown:
-        parser.error(f"unknown sides: {', '.join(sorted(unknown))}")
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    sides = common.sides_of(parser, args.sides, ALL_SIDES)
+    started = common.now()
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
         workdir = Path(scratch)
         settings = prepare(args, workdir)
@@ -560,7 +541,7 @@ def main() -> int:
         results: list[SideResult] = []
         for repeat in range(args.repeats):
             for side in sides:
-                result = run_side(side, repeat, settings_file, workdir)
+                result = common.run_side(__file__, SideResult, side, repeat, settings_file, workdir)
                 results.append(result)
                 print(
                     f"run {repeat + 1}/{args.repeats} {side:<18} {result.tokens_per_second:>9,.0f} tokens/s "
@@ -570,22 +551,15 @@ def main() -> int:
                 )
     rows = summarize(results, sides)
     print()
-    print_table(rows)
+    common.print_columns(rows, COLUMNS)
     output = args.output or HERE / f"trainer_vs_recipe.{args.model}.json"
-    output.write_text(
-        json.dumps(
-            {
-                "command": " ".join([".venv/bin/python", "bench/trainer_vs_recipe.py", *sys.argv[1:]]),
-                "started": started,
-                "machine": machine(),
-                "settings": {k: v for k, v in asdict(settings).items() if "file" not in k and k != "workdir"},
-                "summary": rows,
-                "runs": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    figures = {
+        "machine": common.machine(),
+        "settings": {k: v for k, v in asdict(settings).items() if "file" not in k and k != "workdir"},
+        "summary": rows,
+        "runs": [asdict(r) for r in results],
+    }
+    common.write_results(output, __file__, started, figures)
     print(f"\nraw figures: {output}")
     return 0
 
