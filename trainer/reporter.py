@@ -120,7 +120,8 @@ class ConsoleReporter:
 
 
 class SilentReporter:
-    """For every process but rank 0: it trains, rank 0 speaks."""
+    """For every process but rank 0: it trains, rank 0 speaks. Also the base of reporters
+    that hear only some of the calls."""
 
     def stage_started(self, stage: api.Stage) -> None:
         pass

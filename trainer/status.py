@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from rich.console import Console
 
 from kubetune import api, contract
-from kubetune.trainer.reporter import ConsoleReporter, Reporter, Reporters
+from kubetune.trainer.reporter import ConsoleReporter, Reporter, Reporters, SilentReporter
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ STAGE = _gauge("stage", "1 for the stage running now, 0 for the others.", ("stag
 GPU_MEMORY = _gauge("gpu_memory_bytes", "Peak GPU memory allocated by the trainer.", ("gpu",))
 
 
-class MetricsReporter:
-    """Feeds the trainer's Prometheus gauges."""
+class MetricsReporter(SilentReporter):
+    """Feeds the trainer's Prometheus gauges; results, artifacts and log lines have none."""
 
     def __init__(self, namespace: str, job: str) -> None:
         self.labels = {"namespace": namespace, "finetunejob": job}
@@ -70,15 +70,6 @@ class MetricsReporter:
         for index, used in gpu_memory().items():
             GPU_MEMORY.labels(**self.labels, gpu=str(index)).set(used)
 
-    def results(self, results: api.Results) -> None:
-        pass
-
-    def artifacts(self, artifacts: api.Artifacts) -> None:
-        pass
-
-    def log(self, message: str) -> None:
-        pass
-
 
 def gpu_memory() -> dict[int, int]:
     import sys
@@ -89,7 +80,7 @@ def gpu_memory() -> dict[int, int]:
     return {i: int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())}
 
 
-class StatusReporter:
+class StatusReporter(SilentReporter):
     """Patches the FineTuneJob's status subresource: at most every `interval` seconds for
     progress, at once for stage changes, results and artifacts.
 
@@ -138,9 +129,6 @@ class StatusReporter:
 
     def artifacts(self, artifacts: api.Artifacts) -> None:
         self._patch({"artifacts": artifacts.to_wire()})
-
-    def log(self, message: str) -> None:
-        pass
 
     def _progress(self, progress: api.Progress) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
