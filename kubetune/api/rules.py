@@ -7,17 +7,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic.alias_generators import to_snake
+
 from kubetune.api.common import PARENT_SEGMENT
 from kubetune.api.enums import Method
 from kubetune.api.resource import FineTuneJobSpec
 
 
+def _value(spec: FineTuneJobSpec, parent: str, field: str) -> Any:
+    """spec.<parent>.<field> by wire (camelCase) names; None where a section on the way is unset."""
+    node: Any = spec
+    for name in (*parent.split("."), field):
+        node = getattr(node, to_snake(name)) if node is not None else None
+    return node
+
+
 def _no_parent_segment(parent: str, field: str) -> Callable[[FineTuneJobSpec], bool]:
     def holds(spec: FineTuneJobSpec) -> bool:
-        node: Any = spec
-        for name in parent.split("."):
-            node = getattr(node, name) if node is not None else None
-        uri = getattr(node, field) if node is not None else None
+        uri = _value(spec, parent, field)
         return uri is None or not re.search(PARENT_SEGMENT, uri)
 
     return holds
@@ -34,14 +41,30 @@ class Rule:
     field: str | None = None  # the reported child field, for the API server's fieldPath
 
 
+def _at_most_one(parent: str, first: str, second: str) -> Rule:
+    """spec.<parent> sets at most one of two exclusive fields; the second is reported."""
+    return Rule(
+        path=f"spec.{parent}",
+        cel=f"!(has(self.{first}) && has(self.{second}))",
+        message=f"set at most one of {first} and {second}",
+        holds=lambda s: _value(s, parent, first) is None or _value(s, parent, second) is None,
+        field=second,
+    )
+
+
+def _needs(parent: str, field: str, needed: str, message: str) -> Rule:
+    """spec.<parent>.<field> is set only together with spec.<parent>.<needed>."""
+    return Rule(
+        path=f"spec.{parent}",
+        cel=f"!has(self.{field}) || has(self.{needed})",
+        message=message,
+        holds=lambda s: _value(s, parent, field) is None or _value(s, parent, needed) is not None,
+        field=field,
+    )
+
+
 RULES: tuple[Rule, ...] = (
-    Rule(
-        path="spec.training",
-        cel="!(has(self.epochs) && has(self.maxSteps))",
-        message="set at most one of epochs and maxSteps",
-        holds=lambda s: s.training.epochs is None or s.training.max_steps is None,
-        field="maxSteps",
-    ),
+    _at_most_one("training", "epochs", "maxSteps"),
     Rule(
         path="spec",
         cel="!has(self.quantization) || self.method == 'qlora'",
@@ -49,13 +72,7 @@ RULES: tuple[Rule, ...] = (
         holds=lambda s: s.quantization is None or s.method == Method.QLORA,
         field="quantization",
     ),
-    Rule(
-        path="spec.dataset",
-        cel="!(has(self.validation) && has(self.validationSplit))",
-        message="set at most one of validation and validationSplit",
-        holds=lambda s: s.dataset.validation is None or s.dataset.validation_split is None,
-        field="validationSplit",
-    ),
+    _at_most_one("dataset", "validation", "validationSplit"),
     Rule(
         path="spec.model",
         cel="has(self.name) || has(self.uri)",
@@ -63,20 +80,8 @@ RULES: tuple[Rule, ...] = (
         holds=lambda s: s.model.name is not None or s.model.uri is not None,
         field="name",
     ),
-    Rule(
-        path="spec.evaluation",
-        cel="!has(self.regression) || has(self.harness)",
-        message="regression gates the harness scores: set harness",
-        holds=lambda s: s.evaluation.regression is None or s.evaluation.harness is not None,
-        field="regression",
-    ),
-    Rule(
-        path="spec.training",
-        cel="!has(self.earlyStopping) || has(self.evalEvery)",
-        message="earlyStopping needs evalEvery",
-        holds=lambda s: s.training.early_stopping is None or s.training.eval_every is not None,
-        field="earlyStopping",
-    ),
+    _needs("evaluation", "regression", "harness", "regression gates the harness scores: set harness"),
+    _needs("training", "earlyStopping", "evalEvery", "earlyStopping needs evalEvery"),
     *(
         Rule(
             path=f"spec.{parent}",
