@@ -282,6 +282,11 @@ def test_a_model_that_cannot_isolate_is_trained_padded_and_the_log_says_why(tmp_
 
 
 @pytest.mark.training
+@pytest.mark.skipif(
+    not modeling.cpu_flags() & modeling.NATIVE_BF16_CPU_FLAGS,
+    reason="this CPU emulates bf16 matmuls (no AMX-BF16/AVX512-BF16): the two 30-step runs took 13.6 "
+    "minutes on a 2-core AMD EPYC, too long for the suite; the precision choice is tested above",
+)
 def test_bf16_on_the_cpu_trains_to_the_fp32_loss(tmp_path: Path) -> None:
     """bf16 autocast with a bf16 frozen base (LoRA) against fp32: the same run, the same losses
     within 2%, the base really in bf16 and the log saying so."""
