@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,19 +23,20 @@ from kubernetes.watch import Watch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune import api
-from kubetune.operator import planning, rbac
+from kubetune.operator import planning
 from kubetune.operator.handlers import Controller
 from kubetune.operator.kube import Kube
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.reconcile import Reconciler
 from kubetune.operator.testing import (
     OperatorRunner,
-    install_crd,
+    operator_identity,
     set_pod_finished,
     set_pod_running,
     set_pod_waiting,
     wait_for,
 )
+from kubetune.testing import manifests
 from kubetune.testing.controlplane import ControlPlane, free_port
 
 pytestmark = pytest.mark.controlplane
@@ -44,45 +44,15 @@ pytestmark = pytest.mark.controlplane
 KINDS = ("ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job")
 
 
-@pytest.fixture(scope="module")
-def crd_installed(control_plane_api_client: ApiClient) -> None:
-    install_crd(control_plane_api_client)
-
-
-@pytest.fixture
-def ns(control_plane_namespace: str, crd_installed: None) -> str:
-    return control_plane_namespace
-
-
-@pytest.fixture
-def kube(control_plane_api_client: ApiClient) -> Kube:
-    return Kube(control_plane_api_client)
-
-
-@pytest.fixture
-def operator(control_plane_api_client: ApiClient, ns: str) -> Iterator[OperatorRunner]:
-    with OperatorRunner(control_plane_api_client, [ns]) as runner:
-        yield runner
-
-
-def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "Qwen/Qwen2.5-0.5B"},
-            "dataset": {"train": "s3://data/train.jsonl"},
-            "output": {"uri": "s3://models/out/"},
-            **spec,
-        },
-    }
-
-
 def create(kube: Kube, ns: str, name: str, **spec: Any) -> dict[str, Any]:
-    body = manifest(name, **spec)
-    body["metadata"]["namespace"] = ns
-    return kube.create(body)
+    return kube.create(manifests.finetunejob(name, ns, **spec))
+
+
+def create_with_pod(kube: Kube, ns: str, name: str, **spec: Any) -> tuple[str, dict[str, Any]]:
+    """Create FineTuneJob ``name``; the name of its trainer Job and that Job's first pod."""
+    create(kube, ns, name, **spec)
+    job_name = planning.Names.of(name).job
+    return job_name, live_pod(kube, ns, job_name)
 
 
 def get(kube: Kube, ns: str, name: str) -> dict[str, Any]:
@@ -187,38 +157,10 @@ def metric(
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
-def give_operator_identity(control_plane: ControlPlane, kube: Kube, ns: str) -> str:
-    """A ServiceAccount bound to exactly rbac.OPERATOR_RULES in ``ns``; its token."""
-    role = f"kubetune-operator-{ns}"
-    kube.create(
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "operator", "namespace": ns}}
-    )
-    kube.request(
-        "POST",
-        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
-        body={
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": role},
-            "rules": rbac.OPERATOR_RULES,
-        },
-    )
-    kube.create(
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "kubetune-operator", "namespace": ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-            "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}],
-        }
-    )
-    return control_plane.service_account_token("operator", ns)
-
-
 def test_a_finetunejob_runs_to_success_with_the_operators_own_rbac(
     control_plane: ControlPlane, kube: Kube, ns: str
 ) -> None:
-    token = give_operator_identity(control_plane, kube, ns)
+    token = operator_identity(control_plane, kube, ns)
     # spec.credentials is injected only for namespaces the operator is configured to allow
     config = planning.OperatorConfig(
         trainer_image="registry.test/kubetune-trainer:test", secrets_namespaces=(ns,)
@@ -390,9 +332,7 @@ def test_backoff_failure_after_a_retry(kube: Kube, ns: str, operator: OperatorRu
 def test_disruptions_are_not_counted_and_a_config_error_fails_at_once(
     kube: Kube, ns: str, operator: OperatorRunner
 ) -> None:
-    create(kube, ns, "bad-data", backoffLimit=3)
-    job_name = planning.Names.of("bad-data").job
-    first = live_pod(kube, ns, job_name)
+    job_name, first = create_with_pod(kube, ns, "bad-data", backoffLimit=3)
     set_pod_finished(
         kube.client,
         first,
@@ -413,9 +353,8 @@ def test_disruptions_are_not_counted_and_a_config_error_fails_at_once(
 
 
 def test_deadline_exceeded(kube: Kube, ns: str, operator: OperatorRunner) -> None:
-    create(kube, ns, "slow", activeDeadlineSeconds=2)
-    job_name = planning.Names.of("slow").job
-    set_pod_running(kube.client, live_pod(kube, ns, job_name))
+    _, pod = create_with_pod(kube, ns, "slow", activeDeadlineSeconds=2)
+    set_pod_running(kube.client, pod)
     failed = wait_phase(kube, ns, "slow", "Failed", "DeadlineExceeded")
     assert "activeDeadlineSeconds (2s)" in failed["status"]["message"]
     assert failed["status"]["completionTime"]
@@ -423,9 +362,7 @@ def test_deadline_exceeded(kube: Kube, ns: str, operator: OperatorRunner) -> Non
 
 
 def test_suspend_and_resume(kube: Kube, ns: str, operator: OperatorRunner) -> None:
-    create(kube, ns, "pausable")
-    job_name = planning.Names.of("pausable").job
-    first = live_pod(kube, ns, job_name)
+    job_name, first = create_with_pod(kube, ns, "pausable")
     set_pod_running(kube.client, first)
     wait_phase(kube, ns, "pausable", "Running")
 
@@ -530,9 +467,7 @@ def test_restart_while_the_job_finished_and_after_ttl_cleanup(
 def test_a_job_deleted_by_ttl_right_after_success_still_succeeds(
     kube: Kube, ns: str, operator: OperatorRunner
 ) -> None:
-    create(kube, ns, "quick-ttl", ttlSecondsAfterFinished=0)
-    job_name = planning.Names.of("quick-ttl").job
-    pod = live_pod(kube, ns, job_name)
+    job_name, pod = create_with_pod(kube, ns, "quick-ttl", ttlSecondsAfterFinished=0)
     set_pod_running(kube.client, pod)
     set_pod_finished(kube.client, pod, 0)
     wait_phase(kube, ns, "quick-ttl", "Succeeded", "Completed")

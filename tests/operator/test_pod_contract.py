@@ -6,36 +6,25 @@ Job controller (the test control plane; a test stands in for the kubelet).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes.client import ApiClient
 
 from kubetune import api
 from kubetune.contract import PEER_LOST_EXIT_CODE
 from kubetune.operator import observe, planning, workload
 from kubetune.operator.kube import Kube
 from kubetune.operator.planning import OperatorConfig, admission, image_allowed, plan
-from kubetune.operator.testing import OperatorRunner, install_crd, set_pod_finished
+from kubetune.operator.testing import OperatorRunner, set_pod_finished
+from kubetune.testing import manifests
 
-from .test_operator_controlplane import create, events, get, live_pod, pods, wait_phase
+from .test_operator_controlplane import create, create_with_pod, events, get, live_pod, pods, wait_phase
 
 
 def job(namespace: str = "ml", **spec: Any) -> api.FineTuneJob:
-    return api.FineTuneJob.model_validate(
-        {
-            "apiVersion": api.API_VERSION,
-            "kind": api.KIND,
-            "metadata": {"name": "llama", "namespace": namespace, "uid": "u-1"},
-            "spec": {
-                "model": {"name": "Qwen/Qwen2.5-0.5B"},
-                "dataset": {"train": "s3://data/train.jsonl"},
-                "output": {"uri": "s3://models/out/"},
-                **spec,
-            },
-        }
-    )
+    body = manifests.finetunejob("llama", namespace, **spec)
+    body["metadata"]["uid"] = "u-1"
+    return api.FineTuneJob.model_validate(body)
 
 
 def pod_spec(p: planning.Plan) -> dict[str, Any]:
@@ -169,35 +158,11 @@ def test_more_disruptions_than_the_limit_fail_the_job() -> None:
 controlplane = pytest.mark.controlplane
 
 
-@pytest.fixture(scope="module")
-def crd_installed(control_plane_api_client: ApiClient) -> None:
-    install_crd(control_plane_api_client)
-
-
-@pytest.fixture
-def ns(control_plane_namespace: str, crd_installed: None) -> str:
-    return control_plane_namespace
-
-
-@pytest.fixture
-def kube(control_plane_api_client: ApiClient) -> Kube:
-    return Kube(control_plane_api_client)
-
-
-@pytest.fixture
-def operator(control_plane_api_client: ApiClient, ns: str) -> Iterator[OperatorRunner]:
-    config = OperatorConfig(trainer_image="registry.test/kubetune-trainer:test")
-    with OperatorRunner(control_plane_api_client, [ns], config=config) as runner:
-        yield runner
-
-
 @controlplane
 def test_evictions_are_retried_up_to_the_limit_then_the_job_fails(
     kube: Kube, ns: str, operator: OperatorRunner
 ) -> None:
-    create(kube, ns, "evicted", disruptionLimit=1, backoffLimit=5)
-    job_name = planning.Names.of("evicted").job
-    first = live_pod(kube, ns, job_name)
+    job_name, first = create_with_pod(kube, ns, "evicted", disruptionLimit=1, backoffLimit=5)
     # The API server computes the QoS class: never BestEffort, the first evicted on pressure.
     assert first["status"]["qosClass"] == "Burstable"
     evicted = [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}]
@@ -218,9 +183,7 @@ def test_evictions_are_retried_up_to_the_limit_then_the_job_fails(
 def test_a_peer_lost_exit_is_retried_without_spending_backoff(
     kube: Kube, ns: str, operator: OperatorRunner
 ) -> None:
-    create(kube, ns, "peers", backoffLimit=0)
-    job_name = planning.Names.of("peers").job
-    first = live_pod(kube, ns, job_name)
+    job_name, first = create_with_pod(kube, ns, "peers", backoffLimit=0)
     set_pod_finished(kube.client, first, PEER_LOST_EXIT_CODE, message="another process went away")
     live_pod(kube, ns, job_name, other_than=(first["metadata"]["name"],))
     trainer_job = kube.get("Job", ns, job_name)

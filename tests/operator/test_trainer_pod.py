@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,47 +26,22 @@ from kubernetes.client.exceptions import ApiException
 from kubetune import api
 from kubetune.operator import planning
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import OperatorRunner, install_crd, set_pod_finished, set_pod_running, wait_for
+from kubetune.operator.testing import OperatorRunner, set_pod_finished, set_pod_running, wait_for
 from kubetune.storage import ObjectStore
 from kubetune.testing.controlplane import ControlPlane
+from kubetune.testing.manifests import tiny_run
 from kubetune.testing.s3 import S3Server
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.s3, pytest.mark.training]
 
-
-@pytest.fixture
-def ns(control_plane_api_client: ApiClient, control_plane_namespace: str) -> str:
-    install_crd(control_plane_api_client)
-    return control_plane_namespace
+finetunejob = tiny_run  # the name tests/monitoring/test_dashboard_queries.py imports it by
 
 
 @pytest.fixture
-def operator(control_plane_api_client: ApiClient, ns: str) -> Iterator[OperatorRunner]:
-    config = planning.OperatorConfig(
+def operator_config(ns: str) -> planning.OperatorConfig:
+    return planning.OperatorConfig(
         trainer_image="registry.test/kubetune-trainer:test", secrets_namespaces=(ns,)
     )
-    with OperatorRunner(control_plane_api_client, [ns], config=config) as runner:
-        yield runner
-
-
-def finetunejob(name: str, ns: str, server: S3Server, bucket: str) -> dict[str, Any]:
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "model": {"name": "kubetune/tiny-llama"},
-            "dataset": {"train": "builtin:dates", "validationSplit": 0.05, "format": "prompt-completion"},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "training": {"maxSteps": 10, "learningRate": 0.003, "batchSize": 16, "maxSeqLength": 32},
-            "evaluation": {"metrics": ["loss", "exact_match"], "maxSamples": 8, "maxNewTokens": 12},
-            "export": {"merge": False},
-            "output": {"uri": f"s3://{bucket}/runs/"},
-            "storage": {"endpoint": server.endpoint, "region": server.region},
-            "credentials": {"storageSecret": "s3-credentials"},
-            "resources": {"gpus": 0},
-        },
-    }
 
 
 def s3_secret(kube: Kube, ns: str, server: S3Server) -> None:
@@ -171,23 +146,42 @@ def run_pod(
     return done.returncode, done.stdout + done.stderr
 
 
-def test_trainer_pod_reports_progress_results_and_artifacts(
+Kubelet = Callable[[str, str], tuple[dict[str, Any], int, str]]
+
+
+@pytest.fixture
+def ns(ns: str, kube: Kube, s3_server: S3Server) -> str:
+    """The namespace, with the test S3 server's credentials in the Secret the jobs name."""
+    s3_secret(kube, ns, s3_server)
+    return ns
+
+
+@pytest.fixture
+def kubelet(
     control_plane: ControlPlane,
     control_plane_api_client: ApiClient,
-    ns: str,
+    kube: Kube,
     operator: OperatorRunner,
-    s3_server: S3Server,
-    s3_bucket: str,
     tmp_path: Path,
-) -> None:
-    kube = Kube(control_plane_api_client)
-    s3_secret(kube, ns, s3_server)
-    kube.create(finetunejob("dates", ns, s3_server, s3_bucket))
-    other = kube.create(finetunejob("neighbour", ns, s3_server, s3_bucket) | {"spec": {
-        **finetunejob("neighbour", ns, s3_server, s3_bucket)["spec"], "suspend": True}})  # fmt: skip
+) -> Kubelet:
+    """Runs the trainer pod of FineTuneJob ``name`` in namespace ``ns`` as a kubelet would:
+    ``kubelet(ns, name)`` is the pod, its exit code and its output."""
 
-    pod = trainer_pod(kube, ns, "dates")
-    code, output = run_pod(control_plane, kube, control_plane_api_client, pod, tmp_path / "pod")
+    def run(ns: str, name: str) -> tuple[dict[str, Any], int, str]:
+        pod = trainer_pod(kube, ns, name)
+        code, output = run_pod(control_plane, kube, control_plane_api_client, pod, tmp_path / "pod")
+        return pod, code, output
+
+    return run
+
+
+def test_trainer_pod_reports_progress_results_and_artifacts(
+    control_plane: ControlPlane, kube: Kube, ns: str, s3_server: S3Server, s3_bucket: str, kubelet: Kubelet
+) -> None:
+    kube.create(tiny_run("dates", ns, s3_server, s3_bucket))
+    other = kube.create(tiny_run("neighbour", ns, s3_server, s3_bucket, suspend=True))
+
+    pod, code, output = kubelet(ns, "dates")
     assert code == 0, output
 
     status = status_in_phase(kube, ns, "dates", "Succeeded")
@@ -222,13 +216,7 @@ def test_trainer_pod_reports_progress_results_and_artifacts(
 
 
 def test_a_pod_whose_result_regressed_fails_the_job_as_regressed(
-    control_plane: ControlPlane,
-    control_plane_api_client: ApiClient,
-    ns: str,
-    operator: OperatorRunner,
-    s3_server: S3Server,
-    s3_bucket: str,
-    tmp_path: Path,
+    kube: Kube, ns: str, s3_server: S3Server, s3_bucket: str, tmp_path: Path, kubelet: Kubelet
 ) -> None:
     """Harness tasks from an s3:// include, scored on a base that knows the dates and on a result
     fine-tuned hard on unrelated rows: the gate trips, the trainer publishes and exits 5, the
@@ -238,8 +226,6 @@ def test_a_pod_whose_result_regressed_fails_the_job_as_regressed(
     from ..trainer.conftest import tiny_job
     from ..trainer.test_harness import LEARN_DATES, TASKS, LogRecorder, unrelated_rows
 
-    kube = Kube(control_plane_api_client)
-    s3_secret(kube, ns, s3_server)
     learned = tmp_path / "learned"
     execute(tiny_job("learned", **LEARN_DATES), LogRecorder(), workdir=tmp_path / "work", output=str(learned))
     store = ObjectStore(s3_server.storage_config())
@@ -247,7 +233,7 @@ def test_a_pod_whose_result_regressed_fails_the_job_as_regressed(
     store.upload_prefix(TASKS, f"s3://{s3_bucket}/tasks/")
     store.write_text(f"s3://{s3_bucket}/data/reverse.jsonl", unrelated_rows())
 
-    job = finetunejob("forgets", ns, s3_server, s3_bucket)
+    job = tiny_run("forgets", ns, s3_server, s3_bucket)
     job["spec"] |= {
         "model": {"uri": f"s3://{s3_bucket}/models/learned/"},
         "dataset": {"train": f"s3://{s3_bucket}/data/reverse.jsonl", "validationSplit": 0.05},
@@ -260,8 +246,7 @@ def test_a_pod_whose_result_regressed_fails_the_job_as_regressed(
         },
     }
     kube.create(job)
-    pod = trainer_pod(kube, ns, "forgets")
-    code, output = run_pod(control_plane, kube, control_plane_api_client, pod, tmp_path / "pod")
+    _, code, output = kubelet(ns, "forgets")
     assert code == 5, output
 
     status = status_in_phase(kube, ns, "forgets", "Failed")
