@@ -219,19 +219,22 @@ def assert_waiting(kube: Kube, ns: str, name: str) -> None:
     )
     assert reserved["status"] == "False"
     assert "insufficient" in reserved["message"] or "quota" in reserved["message"].lower()
+
     # The FineTuneJob says why, in Kueue's words (the operator watches the Workloads).
     def kueue_says() -> str:
         return str((workload_condition(kube, ns, name, "QuotaReserved") or {}).get("message"))
 
     wait_for(
-        lambda: running_message(kube, ns, name) == f"waiting for admission to Kueue queue team: {kueue_says()}",
+        lambda: (
+            running_message(kube, ns, name) == f"waiting for admission to Kueue queue team: {kueue_says()}"
+        ),
         what=f"Kueue's reason in {name}'s status",
     )
 
 
 def running_message(kube: Kube, ns: str, name: str) -> str:
     status = (kube.get(api.KIND, ns, name) or {}).get("status") or {}
-    running = next((c for c in status.get("conditions") or [] if c["type"] == "Running"), {})
+    running: dict[str, Any] = next((c for c in status.get("conditions") or [] if c["type"] == "Running"), {})
     return str(running.get("message") or "")
 
 

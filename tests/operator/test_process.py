@@ -144,7 +144,9 @@ def kueue_workload(job_uid: str, *conditions: tuple[str, str, str]) -> dict[str,
             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "tune", "uid": job_uid}],
         },
         "status": {
-            "conditions": [{"type": kind, "status": value, "message": message} for kind, value, message in conditions]
+            "conditions": [
+                {"type": kind, "status": value, "message": message} for kind, value, message in conditions
+            ]
         },
     }
 
