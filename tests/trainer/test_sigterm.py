@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import EVAL, short_training, sigterm_once_training, write_job
+from .conftest import env as conftest_env
 
 pytestmark = pytest.mark.training
 
@@ -19,7 +19,7 @@ def test_sigterm_saves_a_checkpoint_that_the_next_attempt_resumes(tmp_path: Path
     job = write_job(tmp_path, training=short_training(400, 32, checkpointEvery=1000), evaluation=EVAL)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "kubetune", "run", str(job), "--output", str(out)]
-    env = os.environ | {"KUBETUNE_WORKDIR": str(tmp_path / "work")}
+    env = conftest_env(tmp_path, KUBETUNE_WORKDIR=str(tmp_path / "work"))  # one torch thread
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = sigterm_once_training(first)
     assert first.returncode == 1, log
