@@ -209,11 +209,18 @@ def workload_condition(kube: Kube, ns: str, name: str, kind: str) -> dict[str, A
     return next((c for c in conditions if c["type"] == kind), None)
 
 
-def assert_waiting(kube: Kube, ns: str, name: str) -> None:
-    """Queued in the FineTuneJob, suspended without pods, and Kueue says it lacks quota."""
+def assert_waiting(kube: Kube, ns: str, name: str, *, behind_head: bool = False) -> None:
+    """Queued in the FineTuneJob, suspended without pods, and Kueue says it lacks quota.
+
+    ``behind_head``: the Workload waits behind another one in a StrictFIFO queue, which Kueue
+    may not try (and so not give a reason) until the head is admitted.
+    """
     wait_state(kube, ns, name, "Pending", "Queued")
     assert job(kube, ns, name)["spec"]["suspend"] is True
     assert live_pods(kube, ns, name) == []
+    if behind_head:
+        assert running_message(kube, ns, name).startswith("waiting for admission to Kueue queue team")
+        return
     reserved = wait_for(
         lambda: workload_condition(kube, ns, name, "QuotaReserved"), what=f"the Workload of {name}"
     )
@@ -254,7 +261,7 @@ def test_jobs_run_in_quota_order_and_wait_queued(
     wait_for(lambda: workload(kube, ns, "second"), what="the Workload of second")
     create(kube, ns, "third", gpus=4)
     assert_waiting(kube, ns, "second")
-    assert_waiting(kube, ns, "third")
+    assert_waiting(kube, ns, "third", behind_head=True)
 
     finish(client, kube, ns, "first")
     wait_state(kube, ns, "second", "Running", "PodRunning")
