@@ -87,10 +87,11 @@ class Controller:
         watch echoing the create), which needs no reconciliation of its own."""
         key = (namespace, name)
         self._last_jobs[key] = copy.deepcopy(dict(job))
-        self._job_keys[_uid(job)] = key
+        uid = _uid(job)
+        self._job_keys[uid] = key
         version = (job.get("metadata") or {}).get("resourceVersion")
         # An echo still matters when Kueue spoke of the Job before its watch event came.
-        return self._created_jobs.pop(key, None) != version or _uid(job) in self._kueue_waits
+        return self._created_jobs.pop(key, None) != version or uid in self._kueue_waits
 
     def saw_workload(self, body: Mapping[str, Any], *, deleted: bool = False) -> Key | None:
         """Remembers Kueue's reason for holding a trainer Job back; the FineTuneJob to
@@ -242,7 +243,7 @@ async def trainer_pod_changed(body: kopf.Body, namespace: str | None, memo: Any,
         _runtime(memo).controller.kick(namespace, owner)
 
 
-@kopf.on.event(KUEUE_WORKLOADS[0], KUEUE_WORKLOADS[1], registry=REGISTRY)
+@kopf.on.event(*KUEUE_WORKLOADS, registry=REGISTRY)
 async def kueue_workload_changed(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     """Kueue's Workloads: why a queued trainer Job is not admitted yet, for the status."""
     controller = _runtime(memo).controller

@@ -29,8 +29,8 @@ from kubetune.storage.uri import parse_uri
 log = logging.getLogger(__name__)
 
 # Read and write size of a download stream: large enough that Python's per-block overhead is
-# small, small enough that each pwrite stays fast in the page cache (4 MiB writes measured 3-8x
-# slower in the kernel's copy into the page cache than 1 MiB ones on the benchmark's VM).
+# small, small enough that each pwrite stays fast in the page cache (with 4 MiB blocks the
+# storage benchmark downloaded at 0.39x s5cmd against 1.56x with 1 MiB: bench/RESULTS.md §3).
 _STREAM_BLOCK = 1 * MiB
 
 
