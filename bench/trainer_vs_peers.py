@@ -19,6 +19,8 @@ the same optimizer settings and seed:
                         (packing off: padding-free batches; precision auto: bf16 autocast on CPUs with
                         native bf16)
     kubetune-fp32       the same with precision: fp32
+    kubetune-bf16       the same with precision: bf16 (optional: bf16 on a CPU without native bf16 is
+                        emulated, slow, but its memory is the same)
     kubetune-padded     kubetune fp32 with padded batches (the layout before padding-free batches,
                         forced by the benchmark's own subprocess; optional)
     kubetune-no-liger   kubetune's defaults with training.liger false (GPU)
@@ -94,7 +96,15 @@ GPU_SIDES = (
     "kubetune-no-liger",
     "trl-packed",
 )
-ALL_SIDES = (*SIDES, "kubetune-padded", "kubetune-no-liger", "recipe-qlora", "trl-qlora", "kubetune-qlora")
+ALL_SIDES = (
+    *SIDES,
+    "kubetune-bf16",
+    "kubetune-padded",
+    "kubetune-no-liger",
+    "recipe-qlora",
+    "trl-qlora",
+    "kubetune-qlora",
+)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 # Llama-3.2-1B's shape; the tokenizer is the preset's (its ids are a subset of the vocabulary).
 LLAMA_1B: dict[str, Any] = {
@@ -289,6 +299,8 @@ def run_kubetune(settings: Settings, side: str) -> dict[str, Any]:
     }
     if side in ("kubetune-fp32", "kubetune-padded"):
         training["precision"] = "fp32"
+    if side == "kubetune-bf16":
+        training["precision"] = "bf16"
     if side == "kubetune-no-liger":
         training["liger"] = False
     job = finetune_job(

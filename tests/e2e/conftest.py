@@ -21,6 +21,7 @@ from kubetune import api
 from kubetune.operator.kube import Kube
 from kubetune.testing import node
 from kubetune.testing.controlplane import find_binaries, wait_until
+from kubetune.testing.manifests import tiny_run
 from kubetune.testing.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,27 +161,13 @@ def e2e_bucket(e2e_s3: S3Server) -> Iterator[str]:
 
 
 def finetunejob(name: str, namespace: str, server: S3Server, bucket: str, **overrides: Any) -> dict[str, Any]:
-    """A FineTuneJob on the tiny preset with data and output in the test S3 server."""
-    spec: dict[str, Any] = {
-        "model": {"name": "kubetune/tiny-llama"},
-        "dataset": {"train": "builtin:dates", "validationSplit": 0.05, "format": "prompt-completion"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    """The tiny preset's FineTuneJob (``tiny_run``) for 30 steps in a pod of one core."""
+    e2e: dict[str, Any] = {
         "training": {"maxSteps": 30, "learningRate": 0.003, "batchSize": 16, "maxSeqLength": 32},
-        "evaluation": {"metrics": ["loss", "exact_match"], "maxSamples": 8, "maxNewTokens": 12},
-        "export": {"merge": False},
-        "output": {"uri": f"s3://{bucket}/runs/"},
-        "storage": {"endpoint": server.endpoint, "region": server.region},
-        "credentials": {"storageSecret": "s3-credentials"},
         # One of the machine's two cores: the trainer shares it with the rest of the suite.
         "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi"},
     }
-    spec.update(overrides)
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
+    return tiny_run(name, namespace, server, bucket, **(e2e | overrides))
 
 
 def status(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
