@@ -16,7 +16,7 @@ pytestmark = pytest.mark.training
 
 
 def test_sigterm_saves_a_checkpoint_that_the_next_attempt_resumes(tmp_path: Path) -> None:
-    job = write_job(tmp_path, training=short_training(400, 32, checkpointEvery=1000), evaluation=EVAL)
+    job = write_job(tmp_path, training=short_training(200, 8, checkpointEvery=1000), evaluation=EVAL)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "kubetune", "run", str(job), "--output", str(out)]
     env = conftest_env(tmp_path, KUBETUNE_WORKDIR=str(tmp_path / "work"))  # one torch thread
@@ -27,7 +27,7 @@ def test_sigterm_saves_a_checkpoint_that_the_next_attempt_resumes(tmp_path: Path
     saved = [p.parent.name for p in (out / "checkpoints").glob("step-*/COMPLETE")]
     assert len(saved) == 1, "one checkpoint, at the step where the signal arrived"
     step = int(saved[0].removeprefix("step-"))
-    assert 0 < step < 400, "saved on the signal (the schedule saves every 1000 steps)"
+    assert 0 < step < 200, "saved on the signal (the schedule saves every 1000 steps)"
     assert not (out / "manifest.json").exists()
 
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
@@ -36,4 +36,4 @@ def test_sigterm_saves_a_checkpoint_that_the_next_attempt_resumes(tmp_path: Path
     assert f"{out / 'manifest.json'}  (every file" in second.stdout, "the summary names the manifest"
     metrics = json.loads((out / "metrics.json").read_text())
     steps = [h["step"] for h in metrics["history"] if "loss" in h]
-    assert steps == sorted(set(steps)) and steps[-1] == 400
+    assert steps == sorted(set(steps)) and steps[-1] == 200
