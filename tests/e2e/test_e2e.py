@@ -185,7 +185,7 @@ def test_an_evicted_trainer_resumes_from_its_checkpoint_without_spending_a_retry
     resumes. backoffLimit 0 makes any failure that counts fail the job."""
     e2e_cluster, e2e_api, ns = e2e_run.cluster, e2e_run.kube, e2e_run.namespace
     job = e2e_run.finetunejob("dates", backoffLimit=0)
-    job["spec"]["training"] |= {"maxSteps": 400, "checkpointEvery": 25}
+    job["spec"]["training"] |= {"maxSteps": 200, "checkpointEvery": 25}
     job["spec"]["evaluation"] = {"metrics": ["loss"], "baseline": False, "maxSamples": 8}
     e2e_api.create(job)
     with e2e_run.described(TimeoutError, AssertionError):
