@@ -26,6 +26,8 @@ def device() -> torch.device:
 
 # x86 flags of native bf16 matrix instructions: without them CPU bf16 autocast is emulated (slower).
 NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+# Overrides the detection of those flags: "native" or "none" (e.g. to run one CPU path on every CPU).
+CPU_BF16_VARIABLE = "KUBETUNE_CPU_BF16"
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 # Implementations that isolate examples flattened into one row, given restarting position_ids:
 # sdpa, eager and flex through masking_utils' packed-sequence mask, flash attention through varlen.
@@ -48,6 +50,17 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
         if key.strip() == "flags":
             return frozenset(value.split())
     return frozenset()
+
+
+def with_cpu_bf16_override(flags: frozenset[str], override: str) -> frozenset[str]:
+    """``flags`` as ``KUBETUNE_CPU_BF16`` says: auto (or unset) as detected, native or none."""
+    if override in ("", "auto"):
+        return flags
+    if override == "native":
+        return flags | {"avx512_bf16"}
+    if override == "none":
+        return flags - NATIVE_BF16_CPU_FLAGS
+    raise ValueError(f"{CPU_BF16_VARIABLE} must be auto, native or none, not {override!r}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,7 @@ def precision_of(precision: str) -> Precision:
         precision,
         cuda=cuda,
         cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
-        flags=frozenset() if cuda else cpu_flags(),
+        flags=frozenset() if cuda else with_cpu_bf16_override(cpu_flags(), os.environ.get(CPU_BF16_VARIABLE, "")),
     )
 
 

@@ -77,6 +77,27 @@ def test_cpu_flags_reads_the_flags_line() -> None:
     assert modeling.cpu_flags("processor\t: 0\n") == frozenset()
 
 
+@pytest.mark.parametrize(
+    ("override", "flags", "native"),
+    [
+        ("", SAPPHIRE_RAPIDS, True),
+        ("auto", ZEN3, False),
+        ("native", ZEN3, True),
+        ("none", SAPPHIRE_RAPIDS, False),
+        ("none", ZEN4, False),
+    ],
+)
+def test_the_cpu_bf16_switch_overrides_the_detection(override: str, flags: frozenset[str], native: bool) -> None:
+    chosen = modeling.with_cpu_bf16_override(flags, override)
+    assert bool(chosen & modeling.NATIVE_BF16_CPU_FLAGS) == native
+    assert chosen - modeling.NATIVE_BF16_CPU_FLAGS == flags - modeling.NATIVE_BF16_CPU_FLAGS
+
+
+def test_a_bad_cpu_bf16_switch_is_refused_naming_the_variable() -> None:
+    with pytest.raises(ValueError, match=r"KUBETUNE_CPU_BF16 must be auto, native or none, not 'yes'"):
+        modeling.with_cpu_bf16_override(ZEN4, "yes")
+
+
 # ------------------------------------------------------------------------ attention, Liger, checkpointing
 
 
@@ -279,6 +300,27 @@ def test_a_model_that_cannot_isolate_is_trained_padded_and_the_log_says_why(tmp_
         layout
         == "padded: attention implementation 'paged|sdpa' is not known to keep flattened examples apart"
     )
+
+
+@pytest.mark.training
+@pytest.mark.parametrize(("switch", "dtype"), [("none", torch.float32), ("native", torch.bfloat16)])
+def test_auto_trains_on_either_cpu_path_as_the_switch_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, switch: str, dtype: torch.dtype
+) -> None:
+    """Both CPU paths of ``precision: auto`` on every CPU: the frozen base in the chosen dtype, the
+    log naming it, and the loss finite (bf16 is emulated where the CPU lacks it, hence 3 steps)."""
+    monkeypatch.setenv(modeling.CPU_BF16_VARIABLE, switch)
+    recorder = Recorder()
+    ctx = execute(
+        tiny_job(**no_evaluation(precision="auto", maxSteps=3)),
+        recorder,
+        workdir=tmp_path / "work",
+        output=str(tmp_path / "out"),
+    )
+    assert {p.dtype for n, p in ctx.model.named_parameters() if "lora_" not in n} == {dtype}
+    said = "bf16 autocast on the CPU" if dtype == torch.bfloat16 else "train: fp32"
+    assert any(said in line for line in recorder.lines), recorder.lines
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in ctx.history if "loss" in h)
 
 
 @pytest.mark.training
