@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from kubetune import api, crd
-from kubetune.validation import problems_in, validate_files
+from kubetune.manifests import validate_files
+from kubetune.validation import problems_in
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -246,7 +247,7 @@ def test_crd_command_prints_the_crd() -> None:
 
 
 def test_api_and_cli_do_not_import_torch() -> None:
-    modules = "kubetune.api, kubetune.crd, kubetune.validation, kubetune.cli"
+    modules = "kubetune.api, kubetune.crd, kubetune.validation, kubetune.manifests, kubetune.cli"
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
