@@ -82,10 +82,9 @@ class Controller:
                     self.metrics.reconcile_errors.inc()
                     raise
 
-    def job_event_needs_reconcile(self, namespace: str, name: str, job: Mapping[str, Any]) -> bool:
-        """Whether a watch event of the FineTuneJob's trainer Job needs a reconciliation; it also
-        remembers the Job. False when the Job is exactly as a reconciliation created it (the watch
-        echoing the create)."""
+    def saw_job(self, namespace: str, name: str, job: Mapping[str, Any]) -> bool:
+        """Remembers the Job; False when it is exactly as a reconciliation created it (the
+        watch echoing the create), which needs no reconciliation of its own."""
         key = (namespace, name)
         self._last_jobs[key] = copy.deepcopy(dict(job))
         uid = _uid(job)
@@ -94,10 +93,9 @@ class Controller:
         # An echo still matters when Kueue spoke of the Job before its watch event came.
         return self._created_jobs.pop(key, None) != version or uid in self._kueue_waits
 
-    def workload_event_needs_reconcile(self, body: Mapping[str, Any], *, deleted: bool = False) -> Key | None:
-        """The FineTuneJob a watch event of a Kueue Workload needs reconciled, or None; it also
-        remembers Kueue's reason for holding the trainer Job back. A FineTuneJob only when that
-        reason changed and its Job is known."""
+    def saw_workload(self, body: Mapping[str, Any], *, deleted: bool = False) -> Key | None:
+        """Remembers Kueue's reason for holding a trainer Job back; the FineTuneJob to
+        reconcile when that reason changed and its Job is known."""
         uid = workload.kueue_job_uid(body)
         if uid is None:
             return None
@@ -110,8 +108,7 @@ class Controller:
             self._kueue_waits[uid] = wait
         return self._job_keys.get(uid)
 
-    def queue_reconcile(self, namespace: str, name: str, delay: float = 0.0) -> None:
-        """Marks the FineTuneJob for another pass; starts its worker unless one is running."""
+    def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
         key = (namespace, name)
         self._dirty.add(key)
         if key not in self._workers:
@@ -156,7 +153,7 @@ class Controller:
 
 
 @dataclass
-class HandlerContext:
+class Runtime:
     """What every handler needs, shared through kopf's memo."""
 
     configuration: Configuration
@@ -180,9 +177,9 @@ class HandlerContext:
         )
 
 
-def _context(memo: Any) -> HandlerContext:
-    context: HandlerContext = memo["kubetune"]
-    return context
+def _runtime(memo: Any) -> Runtime:
+    runtime: Runtime = memo["kubetune"]
+    return runtime
 
 
 def _uid(obj: Mapping[str, Any]) -> str:
@@ -201,12 +198,12 @@ def owner_name(body: Mapping[str, Any]) -> str | None:
 
 @kopf.on.login(registry=REGISTRY)
 def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
-    return _context(memo).connection()
+    return _runtime(memo).connection()
 
 
 @kopf.on.probe(id="reconciliations", registry=REGISTRY)
 def probe(memo: Any, **_: Any) -> float:
-    return float(_context(memo).controller.reconciliations)
+    return float(_runtime(memo).controller.reconciliations)
 
 
 @kopf.on.resume(*FINETUNEJOBS, registry=REGISTRY)
@@ -214,42 +211,42 @@ def probe(memo: Any, **_: Any) -> float:
 @kopf.on.update(*FINETUNEJOBS, field="spec", registry=REGISTRY)
 async def reconcile_finetunejob(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     assert namespace, "FineTuneJobs are namespaced"
-    _context(memo).controller.queue_reconcile(namespace, name)
+    _runtime(memo).controller.kick(namespace, name)
 
 
 @kopf.on.event(*FINETUNEJOBS, registry=REGISTRY)
 def track_finetunejob(
     type: str, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
 ) -> None:
-    context = _context(memo)
+    runtime = _runtime(memo)
     assert namespace, "FineTuneJobs are namespaced"
     if type == "DELETED":
-        context.metrics.forget(namespace, name)
-        context.controller.forget(namespace, name)
+        runtime.metrics.forget(namespace, name)
+        runtime.controller.forget(namespace, name)
     else:
-        context.metrics.track(body)
+        runtime.metrics.track(body)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=REGISTRY)
 async def trainer_job_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     owner = owner_name(body)
     if owner and namespace:
-        controller = _context(memo).controller
-        if controller.job_event_needs_reconcile(namespace, owner, body):
-            controller.queue_reconcile(namespace, owner)
+        controller = _runtime(memo).controller
+        if controller.saw_job(namespace, owner, body):
+            controller.kick(namespace, owner)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=REGISTRY)
 async def trainer_pod_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     owner = owner_name(body)
     if owner and namespace:
-        _context(memo).controller.queue_reconcile(namespace, owner)
+        _runtime(memo).controller.kick(namespace, owner)
 
 
 @kopf.on.event(*KUEUE_WORKLOADS, registry=REGISTRY)
 async def kueue_workload_changed(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     """Kueue's Workloads: why a queued trainer Job is not admitted yet, for the status."""
-    controller = _context(memo).controller
-    key = controller.workload_event_needs_reconcile(body, deleted=type == "DELETED")
+    controller = _runtime(memo).controller
+    key = controller.saw_workload(body, deleted=type == "DELETED")
     if key is not None:
-        controller.queue_reconcile(*key)
+        controller.kick(*key)
