@@ -36,38 +36,23 @@ def validate(
     ],
 ) -> None:
     """Check FineTuneJob manifests offline by the API server's rules."""
-    from kubetune.validation import validate_files
+    from kubetune.manifests import plan_files, validate_files
 
     errors = validate_files(files) or _harness_problems(files)
     for line in errors:
         err.print(line, markup=False, highlight=False)
     if errors:
         raise typer.Exit(1)
-    for line in _deprecations(files):
-        err.print(f"warning: {line}", markup=False, highlight=False)
-    from kubetune.memory import plan_files
-
     for source, found in plan_files(files, online=False):
         if not isinstance(found, str) and not found.fits:
             err.print(f"warning: {source}: memory plan: {found.verdict()}", markup=False, highlight=False)
     Console().print(f"{len(files)} file(s) valid", highlight=False)
 
 
-def _deprecations(files: list[Path]) -> list[str]:
-    """Deprecated fields the (valid) manifests use; each is read by its new name."""
-    from kubetune.validation import documents, parse_job
-
-    return [
-        f"{source}: {warning}"
-        for path in files
-        for source, doc in documents(path)
-        for warning in parse_job(doc, source).spec.deprecations()
-    ]
-
-
 def _harness_problems(files: list[Path]) -> list[str]:
     """Unknown lm-evaluation-harness tasks of jobs whose custom tasks are in a local folder."""
-    from kubetune.validation import documents, parse_job
+    from kubetune.manifests import documents
+    from kubetune.validation import parse_job
 
     if not any("harness" in path.read_text(encoding="utf-8", errors="replace") for path in files):
         return []  # lm-eval's task index takes seconds to build
@@ -91,7 +76,7 @@ def plan(
     ] = None,
 ) -> None:
     """Per-GPU memory of each FineTuneJob, part by part; exits 1 when one does not fit."""
-    from kubetune.memory import plan_files
+    from kubetune.manifests import plan_files
 
     out = Console(soft_wrap=True)
     failed = False

@@ -1,13 +1,13 @@
-"""Offline validation of FineTuneJob manifests, by the same rules as the API server."""
+"""Offline validation of FineTuneJob manifests, by the same rules as the API server.
+
+One parsed manifest or spec at a time; reading manifest files is ``kubetune.manifests``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
@@ -132,77 +132,21 @@ def parse_job(document: Any, source: str = "<manifest>") -> api.FineTuneJob:
     return api.FineTuneJob.model_validate(document)
 
 
-def documents(path: Path) -> Iterator[tuple[str, Any]]:
-    """Each YAML document of a file, labelled `file` or `file[doc N]` when there are several."""
-    text = path.read_text(encoding="utf-8")
-    docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    for index, doc in enumerate(docs, start=1):
-        yield (f"{path}[doc {index}]" if len(docs) > 1 else str(path)), doc
-
-
-def load_job(path: Path) -> api.FineTuneJob:
-    """The single FineTuneJob in a file; InvalidJob for anything else."""
-    try:
-        docs = list(documents(path))
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidJob(str(path), [Problem("", _yaml_error(exc))]) from exc
-    if len(docs) != 1:
-        raise InvalidJob(str(path), [Problem("", f"expected one FineTuneJob, found {len(docs)}")])
-    source, doc = docs[0]
-    return parse_job(doc, source)
-
-
-def validate_files(paths: list[Path]) -> list[str]:
-    """Error lines (`file: field.path: message`) for every manifest in every file."""
-    lines: list[str] = []
-    for path in paths:
-        try:
-            docs = list(documents(path))
-        except (OSError, yaml.YAMLError) as exc:
-            lines.append(f"{path}: {_yaml_error(exc)}")
-            continue
-        if not docs:
-            lines.append(f"{path}: no FineTuneJob in file")
-        for source, doc in docs:
-            found = problems_in(doc)
-            if not found:
-                found = _offline_export_problems(parse_job(doc, source).spec)
-            lines.extend(f"{source}: {p}" for p in found)
-    return lines
-
-
-def _yaml_error(exc: Exception) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
+def gguf_refusal(model_type: str) -> str | None:
+    """Why a model of ``model_type`` (config.json's) cannot be exported as GGUF, or None."""
+    if model_type in api.GGUF_MODEL_TYPES:
+        return None
+    known = ", ".join(sorted(api.GGUF_MODEL_TYPES))
+    return f"GGUF export supports models of type {known}; this one is {model_type!r}"
 
 
 def export_problems(spec: api.FineTuneJobSpec, model_type: str) -> list[Problem]:
     """The exports of ``spec`` a model of ``model_type`` (config.json's) cannot have."""
+    why = gguf_refusal(model_type)
+    if why is None:
+        return []
     return [
-        Problem(f"spec.export.formats[{i}]", f"{name}: {why}")
-        for i, name in enumerate(spec.export.formats)
-        if (why := api.EXPORTS[name].refusal(model_type)) is not None
+        Problem(f"spec.export.quantize[{i}]", f"{name}: {why}")
+        for i, name in enumerate(spec.export.quantize)
+        if name.startswith("gguf-")
     ]
-
-
-def model_type_matters(spec: api.FineTuneJobSpec) -> bool:
-    """Whether an export of ``spec`` supports only some model types, so that
-    ``export_problems`` needs the model's."""
-    return any(api.EXPORTS[name].model_types is not None for name in spec.export.formats)
-
-
-def _offline_export_problems(spec: api.FineTuneJobSpec) -> list[Problem]:
-    """Known offline from the model's config.json or the built-in table; a model it cannot look
-    up is left to the trainer, which checks before it trains."""
-    from kubetune import memory
-
-    if not model_type_matters(spec):
-        return []
-    try:
-        return export_problems(spec, memory.model_type(spec))
-    except ValueError:
-        return []

@@ -4,7 +4,8 @@
   ServiceAccount, Role and RoleBinding for this one job, the trainer Job; for several nodes
   an Indexed Job and a headless Service).
 - ``observe``: the pure mapping of the trainer Job and its pods to phase, conditions, events;
-  ``workload``: what it reads of them (the trainer container's state, disruptions, counts).
+  ``workload``: what it reads of them, once, into a snapshot (the trainer container's state,
+  disruptions, counts); ``conditions``: the FineTuneJob's condition types and how one is set.
 - ``reconcile``: one idempotent pass that applies both; ``handlers``: the kopf triggers;
   ``main``: the process (kopf, ``/metrics``, ``/healthz``); ``metrics``: Prometheus metrics;
   ``rbac``: the rules the operator needs; ``testing``: the operator in-process for tests.

@@ -82,9 +82,10 @@ class Controller:
                     self.metrics.reconcile_errors.inc()
                     raise
 
-    def saw_job(self, namespace: str, name: str, job: Mapping[str, Any]) -> bool:
-        """Remembers the Job; False when it is exactly as a reconciliation created it (the
-        watch echoing the create), which needs no reconciliation of its own."""
+    def job_event_needs_reconcile(self, namespace: str, name: str, job: Mapping[str, Any]) -> bool:
+        """Whether a watch event of the FineTuneJob's trainer Job needs a reconciliation; it also
+        remembers the Job. False when the Job is exactly as a reconciliation created it (the watch
+        echoing the create)."""
         key = (namespace, name)
         self._last_jobs[key] = copy.deepcopy(dict(job))
         uid = _uid(job)
@@ -93,9 +94,10 @@ class Controller:
         # An echo still matters when Kueue spoke of the Job before its watch event came.
         return self._created_jobs.pop(key, None) != version or uid in self._kueue_waits
 
-    def saw_workload(self, body: Mapping[str, Any], *, deleted: bool = False) -> Key | None:
-        """Remembers Kueue's reason for holding a trainer Job back; the FineTuneJob to
-        reconcile when that reason changed and its Job is known."""
+    def workload_event_needs_reconcile(self, body: Mapping[str, Any], *, deleted: bool = False) -> Key | None:
+        """The FineTuneJob a watch event of a Kueue Workload needs reconciled, or None; it also
+        remembers Kueue's reason for holding the trainer Job back. A FineTuneJob only when that
+        reason changed and its Job is known."""
         uid = workload.kueue_job_uid(body)
         if uid is None:
             return None
@@ -108,7 +110,8 @@ class Controller:
             self._kueue_waits[uid] = wait
         return self._job_keys.get(uid)
 
-    def kick(self, namespace: str, name: str, delay: float = 0.0) -> None:
+    def queue_reconcile(self, namespace: str, name: str, delay: float = 0.0) -> None:
+        """Marks the FineTuneJob for another pass; starts its worker unless one is running."""
         key = (namespace, name)
         self._dirty.add(key)
         if key not in self._workers:
@@ -153,7 +156,7 @@ class Controller:
 
 
 @dataclass
-class Runtime:
+class HandlerContext:
     """What every handler needs, shared through kopf's memo."""
 
     configuration: Configuration
@@ -177,9 +180,9 @@ class Runtime:
         )
 
 
-def _runtime(memo: Any) -> Runtime:
-    runtime: Runtime = memo["kubetune"]
-    return runtime
+def _context(memo: Any) -> HandlerContext:
+    context: HandlerContext = memo["kubetune"]
+    return context
 
 
 def _uid(obj: Mapping[str, Any]) -> str:
@@ -198,12 +201,12 @@ def owner_name(body: Mapping[str, Any]) -> str | None:
 
 @kopf.on.login(registry=REGISTRY)
 def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
-    return _runtime(memo).connection()
+    return _context(memo).connection()
 
 
 @kopf.on.probe(id="reconciliations", registry=REGISTRY)
 def probe(memo: Any, **_: Any) -> float:
-    return float(_runtime(memo).controller.reconciliations)
+    return float(_context(memo).controller.reconciliations)
 
 
 @kopf.on.resume(*FINETUNEJOBS, registry=REGISTRY)
@@ -211,42 +214,42 @@ def probe(memo: Any, **_: Any) -> float:
 @kopf.on.update(*FINETUNEJOBS, field="spec", registry=REGISTRY)
 async def reconcile_finetunejob(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     assert namespace, "FineTuneJobs are namespaced"
-    _runtime(memo).controller.kick(namespace, name)
+    _context(memo).controller.queue_reconcile(namespace, name)
 
 
 @kopf.on.event(*FINETUNEJOBS, registry=REGISTRY)
 def track_finetunejob(
     type: str, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
 ) -> None:
-    runtime = _runtime(memo)
+    context = _context(memo)
     assert namespace, "FineTuneJobs are namespaced"
     if type == "DELETED":
-        runtime.metrics.forget(namespace, name)
-        runtime.controller.forget(namespace, name)
+        context.metrics.forget(namespace, name)
+        context.controller.forget(namespace, name)
     else:
-        runtime.metrics.track(body)
+        context.metrics.track(body)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=REGISTRY)
 async def trainer_job_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     owner = owner_name(body)
     if owner and namespace:
-        controller = _runtime(memo).controller
-        if controller.saw_job(namespace, owner, body):
-            controller.kick(namespace, owner)
+        controller = _context(memo).controller
+        if controller.job_event_needs_reconcile(namespace, owner, body):
+            controller.queue_reconcile(namespace, owner)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=REGISTRY)
 async def trainer_pod_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     owner = owner_name(body)
     if owner and namespace:
-        _runtime(memo).controller.kick(namespace, owner)
+        _context(memo).controller.queue_reconcile(namespace, owner)
 
 
 @kopf.on.event(*KUEUE_WORKLOADS, registry=REGISTRY)
 async def kueue_workload_changed(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     """Kueue's Workloads: why a queued trainer Job is not admitted yet, for the status."""
-    controller = _runtime(memo).controller
-    key = controller.saw_workload(body, deleted=type == "DELETED")
+    controller = _context(memo).controller
+    key = controller.workload_event_needs_reconcile(body, deleted=type == "DELETED")
     if key is not None:
-        controller.kick(*key)
+        controller.queue_reconcile(*key)

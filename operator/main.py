@@ -80,7 +80,7 @@ async def serve(
     metrics = metrics or Metrics()
     reconciler = Reconciler(Kube(client), config, metrics=metrics)
     controller = handlers.Controller(reconciler, metrics)
-    memo = kopf.Memo(kubetune=handlers.Runtime(client.configuration, controller, metrics))
+    memo = kopf.Memo(kubetune=handlers.HandlerContext(client.configuration, controller, metrics))
     metrics_server, _ = start_http_server(endpoints.metrics_port, endpoints.host, registry=metrics.registry)
     logger.info("serving metrics on %s:%d/metrics", endpoints.host, endpoints.metrics_port)
     try:

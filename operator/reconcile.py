@@ -39,7 +39,9 @@ class Result:
     requeue_after: float | None = None
 
 
-class Child(NamedTuple):
+class GetOrCreateResult(NamedTuple):
+    """A child found by its planned name or created; or None and why (another owner holds the name)."""
+
     obj: dict[str, Any] | None
     conflict: str | None = None
     created: bool = False
@@ -95,10 +97,6 @@ class Reconciler:
             job_model = planning.parse(body)
         except ValidationError as error:
             return self._invalid(body, status, generation, error)
-        if status.get("observedGeneration") != generation:
-            # Once per generation (until a status records it): the spec is read by the new names.
-            for warning in job_model.spec.deprecations():
-                self.post_event(body, obs.Event("Warning", "DeprecatedField", warning))
         started = bool(status.get("startTime"))
         refused = None if started else planning.admission(job_model, self.config)
         if refused is not None:
@@ -157,7 +155,7 @@ class Reconciler:
 
     def _get_or_create(
         self, obj: Mapping[str, Any], uid: str, *, create: bool = True, likely_missing: bool = False
-    ) -> Child:
+    ) -> GetOrCreateResult:
         """The object by its planned name, created when missing; or a conflict when another owns it.
         ``likely_missing`` tries the create first (its 409 says it exists), else the read."""
         kind, meta = obj["kind"], obj["metadata"]
@@ -171,10 +169,10 @@ class Reconciler:
                 existing = self.kube.get(kind, meta["namespace"], meta["name"])
             else:
                 logger.info("created %s %s/%s", kind, meta["namespace"], meta["name"])
-                return Child(created, created=True)
+                return GetOrCreateResult(created, created=True)
         if existing is None or _owned_by(existing, uid):
-            return Child(existing)
-        return Child(None, self._conflict_message(existing, kind))
+            return GetOrCreateResult(existing)
+        return GetOrCreateResult(None, self._conflict_message(existing, kind))
 
     @staticmethod
     def _conflict_message(existing: Mapping[str, Any], kind: str) -> str:

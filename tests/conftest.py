@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["kubetune.testing.controlplane_fixtures", "kubetune.testing.s3_fixtures"]
+pytest_plugins = ["kubetune_testkit.controlplane_fixtures", "kubetune_testkit.s3_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -107,7 +107,9 @@ def precision_of(precision: str) -> Precision:
         precision,
         cuda=cuda,
         cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
-        flags=frozenset() if cuda else with_cpu_bf16_override(cpu_flags(), os.environ.get(CPU_BF16_VARIABLE, "")),
+        flags=frozenset()
+        if cuda
+        else with_cpu_bf16_override(cpu_flags(), os.environ.get(CPU_BF16_VARIABLE, "")),
     )
 
 

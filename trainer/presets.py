@@ -1,9 +1,9 @@
 """Built-in model presets: small models built on this machine, so kubetune runs offline.
 
-`kubetune/tiny-llama` is a ~3M-parameter Llama with a byte-level BPE tokenizer trained on the
-bundled datasets. It is built once, deterministically, and cached under the user's cache
-directory; every layer size is a multiple of 32 so the 4-bit paths of bitsandbytes work on
-the CPU too.
+The table of presets (names and shapes) is ``kubetune.presets``, shared with the memory plan;
+this module builds them. `kubetune/tiny-llama` is a ~3M-parameter Llama with a byte-level BPE
+tokenizer trained on the bundled datasets. It is built once, deterministically, and cached
+under the user's cache directory.
 """
 
 from __future__ import annotations
@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import contract
+from kubetune.presets import PRESETS, TIE_WORD_EMBEDDINGS, is_preset
+
+__all__ = [
+    "BUILTIN_DATA",
+    "CHATML_TEMPLATE",
+    "PRESETS",
+    "PRESET_VERSION",
+    "cache_root",
+    "is_preset",
+    "load_tokenizer",
+    "preset_path",
+]
 
 BUILTIN_DATA = Path(__file__).resolve().parent / "builtin"
 PRESET_VERSION = "2"
@@ -26,27 +38,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "kubetune/tiny-llama": {
-        "vocab_size": 1024,
-        "hidden_size": 256,
-        "intermediate_size": 512,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 512,
-    },
-}
-
 
 def cache_root() -> Path:
     if explicit := os.environ.get(contract.CACHE_ENV):
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
-
-
-def is_preset(name: str | None) -> bool:
-    return name in PRESETS
 
 
 def preset_path(name: str) -> Path:
@@ -119,7 +115,7 @@ def _build(name: str, out: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=TIE_WORD_EMBEDDINGS,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     from kubetune.trainer.context import RunContext
 
 from kubetune import contract
+from kubetune.manifests import load_job
 from kubetune.storage import StorageError
 from kubetune.trainer import distributed
 from kubetune.trainer.distributed import Launch
 from kubetune.trainer.presets import cache_root
 from kubetune.trainer.reporter import ConsoleReporter, Reporter, SilentReporter
-from kubetune.validation import InvalidJob, load_job
+from kubetune.validation import InvalidJob
 
 
 def quiet_libraries() -> None:

@@ -75,8 +75,7 @@ class Artifacts(Model):
         description="Full weights in Hugging Face layout: the merged adapter, or the fully fine-tuned model.",
     )
     quantized: dict[str, str] = Field(
-        default_factory=dict,
-        description="Each export of spec.export.formats by format name (quantized/<format>/).",
+        default_factory=dict, description="Each export of spec.export.quantize by format name."
     )
     metrics: str | None = Field(
         None, description="metrics.json: the evaluation results and the run's checks."

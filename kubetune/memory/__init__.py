@@ -15,11 +15,11 @@ common families when offline) and the spec. The figures follow what the trainer 
   gradient checkpointing only each layer's input plus one layer recomputed; the loss upcasts
   logits to fp32 (transformers' cross entropy), the largest single term for big vocabularies.
 
-No torch import here: the operator and ``kubetune validate`` use this module.
+No torch import here: the operator and ``kubetune validate`` use this module. The plans of the
+jobs in manifest files are ``kubetune.manifests.plan_files``.
 """
 
 from kubetune.memory.architecture import FAMILIES, Architecture, architecture, family, model_type
-from kubetune.memory.manifests import plan_files
 from kubetune.memory.plan import (
     CUDA_OVERHEAD,
     DEFAULT_GPU_MEMORY,
@@ -57,7 +57,6 @@ __all__ = [
     "gib",
     "model_type",
     "parse_quantity",
-    "plan_files",
     "plan_job",
     "processes",
     "resolve_strategy",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kubetune import api
+from kubetune import api, presets
 
 
 @dataclass(frozen=True)
@@ -167,11 +167,8 @@ def architecture(
             if model.name is None or family(model.name) is None:
                 raise ValueError(f"spec.model.uri: cannot read {uri}: {error}") from error
     if model.name is not None:
-        from kubetune.trainer import presets  # stdlib only at import time
-
         if presets.is_preset(model.name):
-            config = {**presets.PRESETS[model.name], "tie_word_embeddings": False, "model_type": "llama"}
-            return Architecture.from_config(config, f"preset {model.name}")
+            return Architecture.from_config(presets.config(model.name), f"preset {model.name}")
         found = family(model.name)
         if found is not None:
             return found

@@ -82,12 +82,10 @@ def _resources(spec: api.FineTuneJobSpec, config: OperatorConfig) -> dict[str, A
     return out
 
 
-def trainer_job(
-    spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: OperatorConfig
+def trainer_container(
+    spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: OperatorConfig, grace: int
 ) -> dict[str, Any]:
-    queue = spec.scheduling.queue_name
-    pod_labels = labels(owner)
-    grace = spec.termination_grace_period_seconds or config.termination_grace_seconds
+    """The trainer container: image, command, environment, resources, mounts, restricted security."""
     container: dict[str, Any] = {
         "name": contract.TRAINER_CONTAINER,
         "image": spec.image or config.trainer_image,
@@ -122,7 +120,14 @@ def trainer_job(
         container["envFrom"] = env_from
     if spec.resources.nodes > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": contract.MASTER_PORT})
+    return container
 
+
+def trainer_pod_template(
+    spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: OperatorConfig
+) -> dict[str, Any]:
+    """The trainer pod template: the container, its volumes, pod security and scheduling."""
+    grace = spec.termination_grace_period_seconds or config.termination_grace_seconds
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": names.service_account,
@@ -136,7 +141,7 @@ def trainer_job(
             "fsGroup": contract.TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [trainer_container(spec, owner, names, config, grace)],
         "volumes": [
             {"name": "config", "configMap": {"name": names.config_map}},
             {"name": "scratch", "emptyDir": {"sizeLimit": spec.resources.scratch or DEFAULT_SCRATCH_LIMIT}},
@@ -155,7 +160,50 @@ def trainer_job(
         pod_spec["priorityClassName"] = scheduling.priority_class_name
     if spec.resources.nodes > 1:
         pod_spec["subdomain"] = names.service
+    return {
+        "metadata": {
+            "labels": labels(owner),
+            "annotations": {ANNOTATION_JOB: owner.name},
+        },
+        "spec": pod_spec,
+    }
 
+
+def _pod_failure_policy() -> dict[str, Any]:
+    """Which pod failures spend a retry, which fail the Job at once, which are ignored."""
+    return {
+        "rules": [
+            # Preemption, node drain, eviction: not the trainer's fault, not a retry spent.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # The trainer found its configuration unusable, or its result failed the
+            # regression gate after publishing: retrying cannot help.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": contract.TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.CONFIG_ERROR_EXIT_CODE, contract.REGRESSED_EXIT_CODE],
+                },
+            },
+            # Another node of the job went away: not this pod's fault either. The operator
+            # bounds these retries with spec.disruptionLimit.
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": contract.TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [contract.PEER_LOST_EXIT_CODE],
+                },
+            },
+        ]
+    }
+
+
+def trainer_job(
+    spec: api.FineTuneJobSpec, owner: Owner, names: Names, config: OperatorConfig
+) -> dict[str, Any]:
+    """The trainer Job: one pod a node (Indexed for several), retries, failure policy, Kueue queue."""
+    queue = spec.scheduling.queue_name
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
         # Kueue admits Jobs that are created suspended; it unsuspends them itself.
@@ -164,39 +212,8 @@ def trainer_job(
         "parallelism": spec.resources.nodes,
         # A replacement pod starts only once the old one is gone: never two trainers at once.
         "podReplacementPolicy": "Failed",
-        "podFailurePolicy": {
-            "rules": [
-                # Preemption, node drain, eviction: not the trainer's fault, not a retry spent.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                # The trainer found its configuration unusable, or its result failed the
-                # regression gate after publishing: retrying cannot help.
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": contract.TRAINER_CONTAINER,
-                        "operator": "In",
-                        "values": [contract.CONFIG_ERROR_EXIT_CODE, contract.REGRESSED_EXIT_CODE],
-                    },
-                },
-                # Another node of the job went away: not this pod's fault either. The operator
-                # bounds these retries with spec.disruptionLimit.
-                {
-                    "action": "Ignore",
-                    "onExitCodes": {
-                        "containerName": contract.TRAINER_CONTAINER,
-                        "operator": "In",
-                        "values": [contract.PEER_LOST_EXIT_CODE],
-                    },
-                },
-            ]
-        },
-        "template": {
-            "metadata": {
-                "labels": pod_labels,
-                "annotations": {ANNOTATION_JOB: owner.name},
-            },
-            "spec": pod_spec,
-        },
+        "podFailurePolicy": _pod_failure_policy(),
+        "template": trainer_pod_template(spec, owner, names, config),
     }
     if spec.resources.nodes > 1:
         job_spec["completionMode"] = "Indexed"

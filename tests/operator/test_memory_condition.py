@@ -7,6 +7,7 @@ from typing import Any
 
 from kubetune import api
 from kubetune.operator import observe as obs
+from kubetune.operator.conditions import ConditionType
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -23,7 +24,7 @@ def update(s: api.FineTuneJobSpec, status: dict[str, Any] | None = None) -> obs.
 
 
 def condition(u: obs.StatusUpdate) -> dict[str, Any]:
-    return next(c for c in u.fields()["conditions"] if c["type"] == obs.MEMORY_PLAN_CONDITION)
+    return next(c for c in u.fields()["conditions"] if c["type"] == ConditionType.MEMORY_PLAN)
 
 
 def test_a_job_that_does_not_fit_gets_a_false_condition_and_one_warning_but_is_not_failed() -> None:
@@ -47,4 +48,4 @@ def test_a_job_that_fits_gets_a_true_condition_with_its_figures() -> None:
 
 def test_a_model_it_cannot_size_gets_no_condition() -> None:
     u = update(spec("someone/unknown-model"))
-    assert all(c["type"] != obs.MEMORY_PLAN_CONDITION for c in u.fields()["conditions"])
+    assert all(c["type"] != ConditionType.MEMORY_PLAN for c in u.fields()["conditions"])

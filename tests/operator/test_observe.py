@@ -9,6 +9,7 @@ import pytest
 
 from kubetune import api
 from kubetune.operator import observe as obs
+from kubetune.operator.conditions import MESSAGE_LIMIT
 from kubetune.operator.observe import observe
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -497,7 +498,7 @@ def test_a_refused_job_fails_with_one_warning_and_keeps_what_it_had() -> None:
         status, reason="InvalidSpec", message="invalid spec: " + "x" * 2000, generation=3, now=T0
     )
     assert (update.phase, update.reason) == ("Failed", "InvalidSpec")
-    assert len(update.message) == obs.MESSAGE_LIMIT
+    assert len(update.message) == MESSAGE_LIMIT
     failed = condition(update, "Failed")
     assert failed is not None and failed["reason"] == "InvalidSpec" and failed["observedGeneration"] == 3
     patch = update.patch(status)
@@ -520,8 +521,8 @@ def test_long_messages_are_cut() -> None:
         job(conditions=[("Failed", "BackoffLimitExceeded")], failed=1),
         [pod("Failed", terminated={"exitCode": 1, "message": huge})],
     )
-    assert len(update.message) <= obs.MESSAGE_LIMIT
-    assert all(len(c["message"]) <= obs.MESSAGE_LIMIT for c in update.fields()["conditions"])
+    assert len(update.message) <= MESSAGE_LIMIT
+    assert all(len(c["message"]) <= MESSAGE_LIMIT for c in update.fields()["conditions"])
 
 
 def test_an_ended_pod_the_job_has_not_counted_yet_changes_nothing() -> None:

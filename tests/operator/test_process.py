@@ -35,10 +35,10 @@ def test_handler_progress_lives_in_kubetune_annotations() -> None:
     assert diffbase.prefix == "kubetune.io"  # type: ignore[attr-defined]
 
 
-def runtime(configuration: Configuration) -> handlers.Runtime:
+def handler_context(configuration: Configuration) -> handlers.HandlerContext:
     metrics = Metrics()
     controller = handlers.Controller(Reconciler(None, None), metrics)  # type: ignore[arg-type]
-    return handlers.Runtime(configuration, controller, metrics)
+    return handlers.HandlerContext(configuration, controller, metrics)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_kopf_logs_in_with_the_clients_token(api_key: dict[str, str], prefix: di
     configuration.api_key = api_key
     configuration.api_key_prefix = prefix
     configuration.ssl_ca_cert = "/var/run/ca.crt"
-    info = runtime(configuration).connection()
+    info = handler_context(configuration).connection()
     assert (info.server, info.scheme, info.token) == ("https://10.0.0.1:6443", "Bearer", "abc.def")
     assert info.ca_path == "/var/run/ca.crt" and info.insecure is False
 
@@ -62,7 +62,7 @@ def test_kopf_logs_in_with_the_clients_token(api_key: dict[str, str], prefix: di
 def test_kopf_logs_in_with_the_clients_certificate() -> None:
     configuration = Configuration(host="https://127.0.0.1:6443")
     configuration.cert_file, configuration.key_file = "/tmp/admin.crt", "/tmp/admin.key"
-    info = runtime(configuration).connection()
+    info = handler_context(configuration).connection()
     assert (info.certificate_path, info.private_key_path) == ("/tmp/admin.crt", "/tmp/admin.key")
     assert info.token is None and info.scheme is None
 
@@ -162,19 +162,24 @@ def test_kueue_workloads_give_the_reason_a_job_waits() -> None:
 
 
 def test_the_controller_reconciles_a_job_when_kueues_reason_changes() -> None:
-    controller = runtime(Configuration()).controller
+    controller = handler_context(Configuration()).controller
     job = {"metadata": {"uid": "u1", "resourceVersion": "7"}}
     waiting = kueue_workload("u1", ("QuotaReserved", "False", "insufficient quota"))
-    # Kueue spoke before the Job's own watch event: nothing to kick yet...
-    assert controller.saw_workload(waiting) is None
+    # Kueue spoke before the Job's own watch event: nothing to reconcile yet...
+    assert controller.workload_event_needs_reconcile(waiting) is None
     # ... so even the echo of the operator's own create is worth a reconciliation.
     controller._created_jobs[("ns", "tune")] = "7"
-    assert controller.saw_job("ns", "tune", job) is True
-    assert controller.saw_workload(waiting) is None, "the same reason again changes nothing"
+    assert controller.job_event_needs_reconcile("ns", "tune", job) is True
+    assert controller.workload_event_needs_reconcile(waiting) is None, "the same reason again changes nothing"
     other = kueue_workload("u1", ("QuotaReserved", "False", "waiting for preemption"))
-    assert controller.saw_workload(other) == ("ns", "tune")
+    assert controller.workload_event_needs_reconcile(other) == ("ns", "tune")
     admitted = kueue_workload("u1", ("QuotaReserved", "True", "reserved"), ("Admitted", "True", "admitted"))
-    assert controller.saw_workload(admitted) == ("ns", "tune")
+    assert controller.workload_event_needs_reconcile(admitted) == ("ns", "tune")
     assert controller._kueue_waits == {}
-    assert controller.saw_workload(other, deleted=True) is None, "a deleted Workload holds nothing back"
-    assert controller.saw_workload(kueue_workload("u2", ("QuotaReserved", "False", "x"))) is None
+    assert controller.workload_event_needs_reconcile(other, deleted=True) is None, (
+        "a deleted Workload holds nothing back"
+    )
+    assert (
+        controller.workload_event_needs_reconcile(kueue_workload("u2", ("QuotaReserved", "False", "x")))
+        is None
+    )

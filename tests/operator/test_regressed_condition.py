@@ -7,6 +7,7 @@ from typing import Any
 
 from kubetune import api
 from kubetune.operator import observe as obs
+from kubetune.operator.conditions import ConditionType
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SPEC = api.FineTuneJobSpec.model_validate(
@@ -25,7 +26,7 @@ def update(status: dict[str, Any]) -> obs.StatusUpdate:
 
 
 def regressed(u: obs.StatusUpdate) -> dict[str, Any] | None:
-    return next((c for c in u.fields()["conditions"] if c["type"] == obs.REGRESSED_CONDITION), None)
+    return next((c for c in u.fields()["conditions"] if c["type"] == ConditionType.REGRESSED), None)
 
 
 def test_no_condition_before_the_trainer_has_judged() -> None:

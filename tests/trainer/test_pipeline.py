@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kubetune import api
+from kubetune.manifests import load_job
 from kubetune.storage import ObjectStore, sha256_file
 from kubetune.trainer.pipeline import execute
 from kubetune.trainer.reporter import ConsoleReporter, Reporters
 from kubetune.trainer.stages import merge
-from kubetune.validation import load_job
 
 from .conftest import tiny_job
 

@@ -87,7 +87,9 @@ def test_cpu_flags_reads_the_flags_line() -> None:
         ("none", ZEN4, False),
     ],
 )
-def test_the_cpu_bf16_switch_overrides_the_detection(override: str, flags: frozenset[str], native: bool) -> None:
+def test_the_cpu_bf16_switch_overrides_the_detection(
+    override: str, flags: frozenset[str], native: bool
+) -> None:
     chosen = modeling.with_cpu_bf16_override(flags, override)
     assert bool(chosen & modeling.NATIVE_BF16_CPU_FLAGS) == native
     assert chosen - modeling.NATIVE_BF16_CPU_FLAGS == flags - modeling.NATIVE_BF16_CPU_FLAGS

@@ -66,3 +66,11 @@ def test_validate_warns_about_memory_but_passes(tmp_path: Path) -> None:
     assert "warning:" in result.output and "memory plan" in result.output and "does not fit" in result.output
     fine = CliRunner().invoke(app, ["validate", str(ROOT / "examples/full-8gpu.yaml")])
     assert fine.exit_code == 0 and "warning" not in fine.output
+
+
+def test_plan_names_the_line_of_a_yaml_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("spec:\n  model: [unclosed\n")
+    result = CliRunner().invoke(app, ["plan", str(broken)])
+    assert result.exit_code == 1, result.output
+    assert f"{broken}: line 3, column 1:" in result.output
