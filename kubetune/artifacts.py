@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from kubetune.api import API_VERSION
 from kubetune.contract import CHECKPOINTS, MANIFEST, METRICS
 from kubetune.storage import (
     ObjectInfo,
@@ -62,6 +63,8 @@ class ArtifactsError(Exception):
 
 
 class ManifestFile(BaseModel):
+    """One published file: its path under the run, size and checksums."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     path: str = Field(min_length=1)
@@ -71,15 +74,27 @@ class ManifestFile(BaseModel):
 
 
 class Manifest(BaseModel):
-    """``manifest.json`` as the trainer writes it (``kubetune.trainer.artifacts.manifest``)."""
+    """``manifest.json``: the trainer's push stage writes it (``to_wire``, built by
+    ``kubetune.trainer.artifacts.manifest``); listing and pulling read it (``parse``). One model for
+    both, so the keys cannot drift apart: apiVersion, kind, job, runId, createdAt and files, each
+    file with path, size, sha256 and crc64nvme."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
+    api_version: str = Field(API_VERSION, alias="apiVersion")  # not checked: kubetune.dev/... before 0.2
     kind: Literal["FineTuneJobManifest"]
-    job: str = ""
+    job: str = ""  # <namespace>/<name>
     run_id: str = Field("", alias="runId")
     created_at: datetime | None = Field(None, alias="createdAt")
     files: list[ManifestFile]
+
+    @field_serializer("created_at")
+    def _in_seconds(self, value: datetime | None) -> str | None:
+        return value.isoformat(timespec="seconds") if value is not None else None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON document as written (absent values left out, as readers before 0.2 expect)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     @classmethod
     def parse(cls, raw: bytes, source: str) -> Manifest:

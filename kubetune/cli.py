@@ -43,10 +43,25 @@ def validate(
         err.print(line, markup=False, highlight=False)
     if errors:
         raise typer.Exit(1)
+    for line in _deprecations(files):
+        err.print(f"warning: {line}", markup=False, highlight=False)
     for source, found in plan_files(files, online=False):
         if not isinstance(found, str) and not found.fits:
             err.print(f"warning: {source}: memory plan: {found.verdict()}", markup=False, highlight=False)
     Console().print(f"{len(files)} file(s) valid", highlight=False)
+
+
+def _deprecations(files: list[Path]) -> list[str]:
+    """Deprecated fields the (valid) manifests use; each is read by its new name."""
+    from kubetune.manifests import documents
+    from kubetune.validation import parse_job
+
+    return [
+        f"{source}: {warning}"
+        for path in files
+        for source, doc in documents(path)
+        for warning in parse_job(doc, source).spec.deprecations()
+    ]
 
 
 def _harness_problems(files: list[Path]) -> list[str]:

@@ -1,7 +1,7 @@
 """FineTuneJob manifest files, for the command line and the trainer: read, validate and plan them.
 
 Above both ``kubetune.validation`` (the rules of one spec) and ``kubetune.memory`` (the plan of
-one spec): a file's GGUF exports are judged by the model type the memory tables know, and a
+one spec): a file's exports (GGUF's) are judged by the model type the memory tables know, and a
 file's plan needs its jobs validated first. Neither of those two imports this module.
 """
 
@@ -15,7 +15,14 @@ import yaml
 
 from kubetune import api
 from kubetune.memory import Plan, model_type, plan_job
-from kubetune.validation import InvalidJob, Problem, export_problems, parse_job, problems_in
+from kubetune.validation import (
+    InvalidJob,
+    Problem,
+    export_problems,
+    model_type_matters,
+    parse_job,
+    problems_in,
+)
 
 
 def documents(path: Path) -> Iterator[tuple[str, Any]]:
@@ -72,7 +79,7 @@ def plan_files(
         for source, doc in docs:
             try:
                 job = parse_job(doc, source)
-                if any(f.startswith("gguf-") for f in job.spec.export.quantize):
+                if model_type_matters(job.spec):
                     refused = export_problems(job.spec, model_type(job.spec, config_path=config_path))
                     if refused:
                         out.append((source, "; ".join(str(p) for p in refused)))
@@ -99,7 +106,7 @@ def _yaml_error(exc: Exception) -> str:
 def _offline_export_problems(spec: api.FineTuneJobSpec) -> list[Problem]:
     """Known offline from the model's config.json or the built-in table; a model it cannot look
     up is left to the trainer, which checks before it trains."""
-    if not any(name.startswith("gguf-") for name in spec.export.quantize):
+    if not model_type_matters(spec):
         return []
     try:
         return export_problems(spec, model_type(spec))

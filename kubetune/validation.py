@@ -132,21 +132,16 @@ def parse_job(document: Any, source: str = "<manifest>") -> api.FineTuneJob:
     return api.FineTuneJob.model_validate(document)
 
 
-def gguf_refusal(model_type: str) -> str | None:
-    """Why a model of ``model_type`` (config.json's) cannot be exported as GGUF, or None."""
-    if model_type in api.GGUF_MODEL_TYPES:
-        return None
-    known = ", ".join(sorted(api.GGUF_MODEL_TYPES))
-    return f"GGUF export supports models of type {known}; this one is {model_type!r}"
-
-
 def export_problems(spec: api.FineTuneJobSpec, model_type: str) -> list[Problem]:
     """The exports of ``spec`` a model of ``model_type`` (config.json's) cannot have."""
-    why = gguf_refusal(model_type)
-    if why is None:
-        return []
     return [
-        Problem(f"spec.export.quantize[{i}]", f"{name}: {why}")
-        for i, name in enumerate(spec.export.quantize)
-        if name.startswith("gguf-")
+        Problem(f"spec.export.formats[{i}]", f"{name}: {why}")
+        for i, name in enumerate(spec.export.formats)
+        if (why := api.EXPORTS[name].refusal(model_type)) is not None
     ]
+
+
+def model_type_matters(spec: api.FineTuneJobSpec) -> bool:
+    """Whether an export of ``spec`` supports only some model types, so that
+    ``export_problems`` needs the model's."""
+    return any(api.EXPORTS[name].model_types is not None for name in spec.export.formats)

@@ -97,6 +97,10 @@ class Reconciler:
             job_model = planning.parse(body)
         except ValidationError as error:
             return self._invalid(body, status, generation, error)
+        if status.get("observedGeneration") != generation:
+            # Once per generation (until a status records it): the spec is read by the new names.
+            for warning in job_model.spec.deprecations():
+                self.post_event(body, obs.Event("Warning", "DeprecatedField", warning))
         started = bool(status.get("startTime"))
         refused = None if started else planning.admission(job_model, self.config)
         if refused is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune import api, contract
+from kubetune.artifacts import Manifest, ManifestFile
 from kubetune.storage import file_digests
 from kubetune.trainer.context import RunContext
 
@@ -152,8 +153,8 @@ def _gate_line(ctx: RunContext) -> str:
     if gate is not None and ctx.regressions is not None:
         verdict = "; ".join(d.summary() for d in ctx.regressions) if ctx.regressions else "none"
         lines.append(f"Regression gate (maxDrop {gate.max_drop:g}): scores dropped beyond it: {verdict}.")
-    for name in ctx.spec.export.quantize:
-        if name.startswith("gguf-") and f"{name}_kl" in ctx.checks:
+    for name in ctx.spec.export.formats:
+        if api.EXPORTS[name].family is api.ExportFamily.GGUF and f"{name}_kl" in ctx.checks:
             c = {k: ctx.checks[f"{name}_{k}"] for k in ("kl", "top1", "greedy_same", "prompts")}
             lines.append(
                 f"`{contract.QUANTIZED}/{name}/{contract.GGUF_MODEL}`, checked with llama.cpp "
@@ -168,22 +169,21 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
 
 
-def manifest(ctx: RunContext, files: list[Path]) -> dict[str, Any]:
+def manifest(ctx: RunContext, files: list[Path]) -> Manifest:
     """Every published file with size, SHA-256 and CRC64NVME. Written last: no manifest, no result."""
     digests = {f: file_digests(f) for f in files}
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": "FineTuneJobManifest",
-        "job": f"{ctx.job.metadata.namespace or 'default'}/{ctx.job.metadata.name}",
-        "runId": ctx.run_id,
-        "createdAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "files": [
-            {
-                "path": f.relative_to(ctx.staging).as_posix(),
-                "size": f.stat().st_size,
-                "sha256": digests[f][0],
-                "crc64nvme": digests[f][1],
-            }
+    return Manifest(
+        kind="FineTuneJobManifest",
+        job=f"{ctx.job.metadata.namespace or 'default'}/{ctx.job.metadata.name}",
+        run_id=ctx.run_id,
+        created_at=dt.datetime.now(dt.UTC).replace(microsecond=0),
+        files=[
+            ManifestFile(
+                path=f.relative_to(ctx.staging).as_posix(),
+                size=f.stat().st_size,
+                sha256=digests[f][0],
+                crc64nvme=digests[f][1],
+            )
             for f in sorted(files)
         ],
-    }
+    )

@@ -57,7 +57,7 @@ STAGES: list[Step] = [
     Step(
         api.Stage.QUANTIZE,
         quantize.run,
-        when=lambda spec: bool(spec.export.quantize),
+        when=lambda spec: bool(spec.export.formats),
         main_only=True,
         reported_if_skipped=True,
     ),

@@ -32,16 +32,16 @@ from kubetune.api.common import (
     Quantity,
     ShortStr,
 )
-from kubetune.api.enums import (
-    GGUF_MODEL_TYPES,
-    DatasetFormat,
-    EvalMetric,
-    ExportFormat,
-    Method,
-    Phase,
-    Stage,
-)
+from kubetune.api.enums import DatasetFormat, EvalMetric, ExportFormat, Method, Phase, Stage
 from kubetune.api.evaluation import Evaluation, Harness, HarnessTask, Regression
+from kubetune.api.exports import (
+    EXPORTS,
+    GGUF_ARCHITECTURES,
+    GGUF_MODEL_TYPES,
+    ExportFamily,
+    ExportTraits,
+    formats_of,
+)
 from kubetune.api.resource import FineTuneJob, FineTuneJobSpec, ObjectMeta
 from kubetune.api.rules import MUTABLE_WHEN_STARTED, RULES, Rule, started
 from kubetune.api.sources import Credentials, Dataset, Export, ModelSource, Output, Storage
@@ -54,6 +54,8 @@ __all__ = [
     "DATA_URI_PATTERN",
     "DNS_LABEL_PATTERN",
     "DNS_SUBDOMAIN_PATTERN",
+    "EXPORTS",
+    "GGUF_ARCHITECTURES",
     "GGUF_MODEL_TYPES",
     "GROUP",
     "KIND",
@@ -79,7 +81,9 @@ __all__ = [
     "EvalMetric",
     "Evaluation",
     "Export",
+    "ExportFamily",
     "ExportFormat",
+    "ExportTraits",
     "FineTuneJob",
     "FineTuneJobSpec",
     "FineTuneJobStatus",
@@ -108,5 +112,6 @@ __all__ = [
     "Storage",
     "Toleration",
     "Training",
+    "formats_of",
     "started",
 ]

@@ -64,7 +64,3 @@ class ExportFormat(StrEnum):
     GGUF_F16 = "gguf-f16"
     GGUF_Q8_0 = "gguf-q8_0"
     GGUF_Q4_K_M = "gguf-q4_k_m"
-
-
-# config.json model types the GGUF exports support (the llama family of llama.cpp, and qwen2).
-GGUF_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})

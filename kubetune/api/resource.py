@@ -35,7 +35,9 @@ class FineTuneJobSpec(Model):
         default_factory=Evaluation,
         description="Held-out metrics and harness tasks, before and after training.",
     )
-    export: Export = Field(default_factory=Export, description="Merged and quantized exports of the result.")
+    export: Export = Field(
+        default_factory=Export, description="The merged model and its exports (bitsandbytes, GGUF)."
+    )
     output: Output = Field(description="Where the artifacts go.")
     resources: Resources = Field(default_factory=Resources, description="GPUs, nodes, CPU, memory and disk.")
     scheduling: Scheduling = Field(
@@ -81,6 +83,10 @@ class FineTuneJobSpec(Model):
         if self.training.strategy != "auto":
             return self.training.strategy
         return "fsdp" if self.method == Method.FULL and processes > 1 else "ddp"
+
+    def deprecations(self) -> list[str]:
+        """Warnings for the deprecated fields this spec was written with; each is read as its successor."""
+        return self.export.deprecations("spec.export")
 
     def resolved_quantization(self) -> Quantization | None:
         """QLoRA without explicit settings means 4-bit NF4 with double quantization."""

@@ -99,12 +99,20 @@ RULES: tuple[Rule, ...] = (
         )
     ),
     Rule(
+        path="spec.export",
+        cel="!(has(self.formats) && has(self.quantize))",
+        message="set formats or its deprecated name quantize, not both",
+        holds=lambda s: s.export.quantize is None,  # alone, quantize was read as formats
+        field="quantize",
+    ),
+    Rule(
         path="spec",
-        cel="!has(self.export.quantize) || size(self.export.quantize) == 0"
+        cel="((!has(self.export.formats) || size(self.export.formats) == 0)"
+        " && (!has(self.export.quantize) || size(self.export.quantize) == 0))"
         " || self.export.merge || self.method == 'full'",
-        message="quantized exports are made from the merged model: set export.merge",
-        holds=lambda s: not s.export.quantize or s.export.merge or s.method == Method.FULL,
-        field="export.quantize",
+        message="exports are made from the merged model: set export.merge",
+        holds=lambda s: not s.export.formats or s.export.merge or s.method == Method.FULL,
+        field="export.formats",
     ),
 )
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, PrivateAttr, StringConstraints, model_validator
 
 from kubetune.api.common import MODEL_NAME_PATTERN, DataUri, DnsSubdomain, Model, OutputUri
 from kubetune.api.enums import DatasetFormat, ExportFormat
+from kubetune.api.exports import GGUF_MODEL_TYPES, ExportFamily, formats_of
 
 
 class ModelSource(Model):
@@ -60,21 +61,46 @@ class Dataset(Model):
     )
 
 
+def _formats_description() -> str:
+    bnb, gguf = (", ".join(formats_of(f)) for f in (ExportFamily.BNB, ExportFamily.GGUF))
+    models = ", ".join(sorted(GGUF_MODEL_TYPES))
+    return (
+        f"Exports of the merged model, each in quantized/<format>/: {bnb} (bitsandbytes, for transformers); "
+        f"{gguf} (model.gguf and an Ollama Modelfile, for llama.cpp, Ollama and LM Studio; models of "
+        f"type {models})."
+    )
+
+
 class Export(Model):
     """What is made from the trained weights besides the adapter."""
 
     merge: bool = Field(
         True, description="Merge the LoRA or QLoRA adapter into the base weights (merged/). Default true."
     )
-    quantize: list[ExportFormat] = Field(
-        default_factory=list,
+    formats: list[ExportFormat] = Field(
+        default_factory=list, max_length=len(ExportFormat), description=_formats_description()
+    )
+    quantize: list[ExportFormat] | None = Field(
+        None,
         max_length=len(ExportFormat),
         description=(
-            "Exports of the merged model, each in quantized/<format>/: bnb-4bit and bnb-8bit (bitsandbytes, "
-            "for transformers); gguf-f16, gguf-q8_0 and gguf-q4_k_m (model.gguf and an Ollama Modelfile, "
-            "for llama.cpp, Ollama and LM Studio; Llama, Mistral and Qwen2 models)."
+            "Deprecated: the former name of formats (gguf-f16 is no quantization), read as formats "
+            "with a warning. Set formats instead; never both."
         ),
     )
+    _deprecated: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _quantize_is_formats(self) -> Export:
+        """The deprecated quantize, alone, becomes formats; both set are left for RULES to refuse."""
+        if self.quantize is not None and "formats" not in self.model_fields_set:
+            self.formats, self.quantize = self.quantize, None
+            self._deprecated.append("quantize")
+        return self
+
+    def deprecations(self, path: str = "spec.export") -> list[str]:
+        """A warning for each deprecated field the manifest set (each is read by its new name)."""
+        return [f"{path}.{old} is deprecated: rename it to {path}.formats" for old in self._deprecated]
 
 
 class Output(Model):

@@ -75,7 +75,8 @@ class Artifacts(Model):
         description="Full weights in Hugging Face layout: the merged adapter, or the fully fine-tuned model.",
     )
     quantized: dict[str, str] = Field(
-        default_factory=dict, description="Each export of spec.export.quantize by format name."
+        default_factory=dict,
+        description="Each export of spec.export.formats by format name (quantized/<format>/).",
     )
     metrics: str | None = Field(
         None, description="metrics.json: the evaluation results and the run's checks."

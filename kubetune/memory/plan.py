@@ -264,8 +264,13 @@ def _stages(spec: api.FineTuneJobSpec, arch: Architecture, *, c: int, ranks: int
         out.append(
             Part("merge", 0, f"on the CPU, shard by shard: one shard plus about {gib(host)} of host memory")
         )
-    for name in spec.export.quantize:
-        per = 1.0 if name == "bnb-8bit" else NF4_DOUBLE_QUANT_BYTES
+    for name in spec.export.formats:
+        traits = api.EXPORTS[name]
+        if traits.family is not api.ExportFamily.BNB:
+            # GGUF: written and quantized on the CPU; its check loads the merged model on the GPU
+            # as the evaluation does (placed, offloaded where it does not fit).
+            continue
+        per = INT8_BYTES if traits.bits == 8 else NF4_DOUBLE_QUANT_BYTES
         weights = int(per * arch.linear_parameters) + c * (arch.parameters - arch.linear_parameters)
         out.append(
             Part(f"quantize {name}", weights + c * largest_tensor, "quantized as loaded, tensor by tensor")

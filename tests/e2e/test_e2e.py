@@ -130,7 +130,7 @@ def test_a_finetunejob_trains_in_a_real_trainer_container(e2e_run: Run, tmp_path
     job = e2e_run.finetunejob("dates")
     job["spec"]["training"]["maxSteps"] = 120
     # The image's llama.cpp (built for any x86-64 CPU) quantizes and checks a GGUF export.
-    job["spec"]["export"] = {"merge": True, "quantize": ["gguf-q8_0"]}
+    job["spec"]["export"] = {"merge": True, "formats": ["gguf-q8_0"]}
     with PhaseRecorder(e2e_api, ns, "dates") as recorder, e2e_run.described(TimeoutError, AssertionError):
         e2e_api.create(job)
         trainer = wait_for(lambda: running_trainer(e2e_api, ns), timeout=300, what="a running trainer pod")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,6 +136,35 @@ def test_bad_manifests_name_the_file_and_field(tmp_path: Path) -> None:
     doc["files"][1] = {"path": "../../etc/passwd", "size": 1, "sha256": "0" * 64}
     with pytest.raises(Exception, match=r"files: path '\.\./\.\./etc/passwd' is not a relative path"):
         Manifest.parse(json.dumps(doc).encode(), "m.json")
+
+
+def test_the_manifest_the_trainer_writes_is_the_one_pull_reads(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from kubetune.trainer import artifacts
+
+    staging = make_run(tmp_path / "run", manifest=False)
+    files = [f for f in staging.rglob("*") if f.is_file()]
+    ctx = SimpleNamespace(
+        job=SimpleNamespace(metadata=SimpleNamespace(namespace="team-a", name="demo")),
+        run_id="r7",
+        staging=staging,
+    )
+    written = artifacts.manifest(ctx, files).to_wire()  # type: ignore[arg-type]  # what manifest() reads
+    # The keys (and the form of createdAt) as the trainer has always written them.
+    assert list(written) == ["apiVersion", "kind", "job", "runId", "createdAt", "files"]
+    assert written["apiVersion"] == "kubetune.io/v1alpha1" and written["kind"] == "FineTuneJobManifest"
+    assert (written["job"], written["runId"]) == ("team-a/demo", "r7")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", written["createdAt"])
+    assert [list(f) for f in written["files"]] == [["path", "size", "sha256", "crc64nvme"]] * len(files)
+    assert [f["path"] for f in written["files"]] == sorted(f.relative_to(staging).as_posix() for f in files)
+    read = Manifest.parse(json.dumps(written).encode(), "manifest.json")
+    assert read.to_wire() == written
+    assert (read.job, read.run_id, len(read.files)) == ("team-a/demo", "r7", len(files))
+
+    # An earlier release's manifest (another apiVersion, no CRC64NVME) reads, and writes back as it was.
+    old = json.loads((make_run(tmp_path / "old", crc64=False) / "manifest.json").read_text())
+    assert Manifest.parse(json.dumps(old).encode(), "old.json").to_wire() == old
 
 
 def test_ls_tells_complete_incomplete_and_damaged_runs_apart(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """The quickstart's training with all three GGUF formats."""
     out = tmp_path_factory.mktemp("gguf") / "run"
     formats = ["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
-    job = tiny_job("dates-gguf", **{**LEARN_DATES, "export": {"merge": True, "quantize": formats}})
+    job = tiny_job("dates-gguf", **{**LEARN_DATES, "export": {"merge": True, "formats": formats}})
     ctx = execute(job, LogRecorder(), workdir=out.parent / "work", output=str(out))
     return ctx, out
 
@@ -191,7 +191,9 @@ def test_llama3_rope_factors_are_transformers_own(tmp_path: Path) -> None:
 
 
 def test_the_writer_maps_every_model_type_the_api_accepts() -> None:
-    assert set(export.ARCHITECTURES) == api.GGUF_MODEL_TYPES
+    assert export.ARCHITECTURES is api.GGUF_ARCHITECTURES  # one table: the API's
+    assert all(api.EXPORTS[name].model_types == frozenset(export.ARCHITECTURES) for name in export.FORMATS)
+    assert set(export.FORMATS) == set(api.formats_of(api.ExportFamily.GGUF))
 
 
 def test_pre_tokenizers_are_named_as_llama_cpp_names_them() -> None:
@@ -212,10 +214,10 @@ def test_pre_tokenizers_are_named_as_llama_cpp_names_them() -> None:
 
 def test_a_model_gguf_cannot_hold_is_refused_before_training(tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "gpt2", "gpt2")
-    job = tiny_job(model={"uri": str(model)}, export={"merge": True, "quantize": ["gguf-f16"]}, method="full")
+    job = tiny_job(model={"uri": str(model)}, export={"merge": True, "formats": ["gguf-f16"]}, method="full")
     recorder = LogRecorder()
     with pytest.raises(
-        InvalidJob, match=r"spec\.export\.quantize\[0\]: gguf-f16: GGUF export supports models of type"
+        InvalidJob, match=r"spec\.export\.formats\[0\]: gguf-f16: GGUF export supports models of type"
     ):
         execute(job, recorder, workdir=tmp_path / "w", output=str(tmp_path / "out"))
     assert api.Stage.TRAIN.value not in recorder.stages
@@ -226,7 +228,7 @@ def test_a_model_gguf_cannot_hold_is_refused_before_training(tmp_path: Path) -> 
         [sys.executable, "-m", "kubetune", "validate", str(manifest)],
         cwd=tmp_path, capture_output=True, text=True, check=False,
     )  # fmt: skip
-    refusal = "spec.export.quantize[0]: gguf-f16: GGUF export supports models of type llama, mistral, qwen2; "
+    refusal = "spec.export.formats[0]: gguf-f16: GGUF export supports models of type llama, mistral, qwen2; "
     assert result.returncode == 1
     assert refusal + "this one is 'gpt2'" in result.stderr
     plan = subprocess.run(

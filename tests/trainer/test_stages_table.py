@@ -38,7 +38,7 @@ def test_rank_0_alone_evaluates_and_publishes_and_fetch_runs_once_per_node() -> 
 @pytest.mark.parametrize(
     ("spec", "skipped"),
     [
-        ({"export": {"merge": True, "quantize": ["bnb-4bit"]}}, set()),
+        ({"export": {"merge": True, "formats": ["bnb-4bit"]}}, set()),
         ({}, {Stage.MERGE, Stage.QUANTIZE}),
         ({"evaluation": NO_BASELINE, "export": {"merge": True}}, {Stage.BASELINE, Stage.QUANTIZE}),
         (

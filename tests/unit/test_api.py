@@ -81,7 +81,15 @@ INVALID = [
         "spec.scheduling.tolerations[0].effect",
         "one of",
     ),
-    ("spec.export", {"merge": False, "quantize": ["bnb-4bit"]}, "spec.export.quantize", "export.merge"),
+    ("spec.export", {"merge": False, "formats": ["bnb-4bit"]}, "spec.export.formats", "export.merge"),
+    # The deprecated name is read as formats, and judged by the same rule.
+    ("spec.export", {"merge": False, "quantize": ["bnb-4bit"]}, "spec.export.formats", "export.merge"),
+    (
+        "spec.export",
+        {"formats": ["bnb-4bit"], "quantize": ["gguf-f16"]},
+        "spec.export.quantize",
+        "set formats or its deprecated name quantize, not both",
+    ),
     ("spec.training.earlyStopping", {"patience": 2}, "spec.training.earlyStopping", "evalEvery"),
 ]
 
@@ -149,6 +157,65 @@ def test_a_regression_gate_needs_the_harness_it_gates() -> None:
     assert [str(p) for p in problems_in(escaping)] == [
         "spec.evaluation.harness.include: must not contain a '..' segment"
     ]
+
+
+def test_the_deprecated_export_quantize_is_read_as_formats_with_a_warning(tmp_path: Path) -> None:
+    old = mutate("spec.export", {"merge": True, "quantize": ["bnb-4bit", "gguf-f16"]})
+    assert problems_in(old) == []
+    spec = api.FineTuneJob.model_validate(old).spec
+    assert (spec.export.formats, spec.export.quantize) == (["bnb-4bit", "gguf-f16"], None)
+    assert spec.deprecations() == ["spec.export.quantize is deprecated: rename it to spec.export.formats"]
+    # What the operator hands the trainer (the ConfigMap) has the new name only, and no warning.
+    assert spec.to_wire()["export"] == {"merge": True, "formats": ["bnb-4bit", "gguf-f16"]}
+    assert api.FineTuneJobSpec.model_validate(spec.to_wire()).deprecations() == []
+    new = api.FineTuneJob.model_validate(mutate("spec.export", {"formats": ["bnb-4bit"]})).spec
+    assert (new.export.formats, new.deprecations()) == (["bnb-4bit"], [])
+
+    manifest = tmp_path / "old.yaml"
+    manifest.write_text(yaml.safe_dump(old))
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune", "validate", str(manifest)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {manifest}: spec.export.quantize is deprecated: rename it to spec.export.formats" in (
+        result.stderr
+    )
+
+
+def test_both_export_names_are_refused_by_their_names() -> None:
+    both = mutate("spec.export", {"formats": ["bnb-4bit"], "quantize": ["bnb-4bit"]})
+    assert [str(p) for p in problems_in(both)] == [
+        "spec.export.quantize: set formats or its deprecated name quantize, not both"
+    ]
+
+
+def test_the_crd_keeps_the_deprecated_name_and_refuses_both() -> None:
+    schema = crd.custom_resource_definition()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    export = schema["properties"]["spec"]["properties"]["export"]
+    assert export["properties"]["quantize"]["description"].startswith("Deprecated: ")
+    assert (
+        export["properties"]["quantize"]["items"]["enum"] == export["properties"]["formats"]["items"]["enum"]
+    )
+    assert {"rule": "!(has(self.formats) && has(self.quantize))", "fieldPath": ".quantize"}.items() <= (
+        export["x-kubernetes-validations"][0].items()
+    )
+
+
+def test_every_export_format_has_one_row_of_traits() -> None:
+    assert set(api.EXPORTS) == set(api.ExportFormat)
+    for name, traits in api.EXPORTS.items():
+        assert name.startswith(f"{traits.family}-"), name  # the names follow the table, not the reverse
+    assert api.formats_of(api.ExportFamily.BNB) == ["bnb-4bit", "bnb-8bit"]
+    assert api.GGUF_MODEL_TYPES == set(api.GGUF_ARCHITECTURES) == {"llama", "mistral", "qwen2"}
+    assert api.EXPORTS[api.ExportFormat.BNB_8BIT].refusal("gpt2") is None
+    assert api.EXPORTS["gguf-q8_0"].refusal("gpt2") == (  # type: ignore[index]  # a spec holds plain strings
+        "GGUF export supports models of type llama, mistral, qwen2; this one is 'gpt2'"
+    )
+    described = api.Export.model_fields["formats"].description or ""
+    assert "gguf-f16, gguf-q8_0, gguf-q4_k_m" in described and "llama, mistral, qwen2" in described
 
 
 def test_validate_reports_yaml_syntax_with_line(tmp_path: Path) -> None:

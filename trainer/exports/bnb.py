@@ -12,8 +12,6 @@ from kubetune import api
 from kubetune.trainer import modeling
 from kubetune.trainer.context import RunContext
 
-BITS = {api.ExportFormat.BNB_4BIT: 4, api.ExportFormat.BNB_8BIT: 8}
-
 
 class Bitsandbytes:
     def unsupported(self, config: dict[str, Any], tokenizer: Any) -> list[str]:
@@ -23,7 +21,7 @@ class Bitsandbytes:
         from transformers import AutoModelForCausalLM
 
         quant = ctx.spec.resolved_quantization() or api.Quantization()
-        config = modeling.quantization_config(quant.model_copy(update={"bits": BITS[name]}))
+        config = modeling.quantization_config(quant.model_copy(update={"bits": api.EXPORTS[name].bits}))
         model = AutoModelForCausalLM.from_pretrained(
             merged, quantization_config=config, device_map={"": modeling.device()}, use_safetensors=True
         )

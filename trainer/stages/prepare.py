@@ -13,7 +13,7 @@ from kubetune.validation import InvalidJob
 def run(ctx: RunContext) -> None:
     assert ctx.model_source is not None and ctx.train_file is not None
     ctx.tokenizer = modeling.load_tokenizer(ctx.spec, ctx.model_source)
-    if ctx.spec.export.quantize:
+    if ctx.spec.export.formats:
         config = modeling.load_config(ctx.spec, ctx.model_source).to_dict()
         found = exports.problems(ctx.spec, config, ctx.tokenizer)
         if found:

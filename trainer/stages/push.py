@@ -36,7 +36,7 @@ def run(ctx: RunContext) -> None:
     for info in store.list_prefix(root):
         if info.name not in published and not info.name.startswith(f"{contract.CHECKPOINTS}/"):
             store.delete(info.uri)
-    store.write_json(root.join(contract.MANIFEST), artifacts.manifest(ctx, files))
+    store.write_json(root.join(contract.MANIFEST), artifacts.manifest(ctx, files).to_wire())
 
     def uri(name: str) -> str | None:
         return str(root.join(name)) if (staging / name).exists() else None

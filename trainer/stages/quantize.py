@@ -9,7 +9,7 @@ from kubetune.trainer.exports import exporter
 
 def run(ctx: RunContext) -> None:
     merged = ctx.staging / contract.MERGED
-    for name in ctx.spec.export.quantize:
+    for name in ctx.spec.export.formats:
         target = ctx.staging / contract.QUANTIZED / name
         checks = exporter(name).export(ctx, name, merged, target)
         ctx.checks.update({f"{name}_{key}": value for key, value in checks.items()})

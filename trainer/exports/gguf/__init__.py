@@ -7,9 +7,9 @@ by llama.cpp, which must tokenize a few validation prompts as transformers does,
 merged model's next-token logits within the format's tolerance and generate; the figures go into
 ``metrics.json``. Each format's folder holds ``model.gguf`` and an Ollama ``Modelfile``.
 
-Supported: Llama and Mistral (GGUF architecture ``llama``) and Qwen2 (``qwen2``) with a BPE
-tokenizer (``tokenizer.json``: Llama 3, Qwen2, byte-level BPE). SentencePiece tokenizers
-(Llama 2, Mistral v0.1-v0.3) are refused before training.
+Supported: the model types of ``api.GGUF_ARCHITECTURES`` with a BPE tokenizer
+(``tokenizer.json``: Llama 3, Qwen2, byte-level BPE). SentencePiece tokenizers (Llama 2,
+Mistral v0.1-v0.3) are refused before training.
 """
 
 from __future__ import annotations

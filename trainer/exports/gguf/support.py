@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubetune.validation import gguf_refusal
+from kubetune import api
 
-# config.json model_type (api.GGUF_MODEL_TYPES) -> GGUF architecture name
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# config.json model_type -> GGUF architecture name; the model types the API says GGUF supports.
+ARCHITECTURES = api.GGUF_ARCHITECTURES
 
 # A tokenizer's pre-tokenization, as tokenizer.json spells it -> llama.cpp's name for it.
 LLAMA3_REGEX = (
@@ -23,7 +23,7 @@ QWEN2_REGEX = (
 
 def unsupported(config: dict[str, Any], tokenizer_json: dict[str, Any]) -> list[str]:
     """Why a model of this ``config.json`` and ``tokenizer.json`` cannot be written as GGUF."""
-    why = gguf_refusal(str(config.get("model_type", "")))
+    why = api.ExportFamily.GGUF.refusal(str(config.get("model_type", "")))
     if why is not None:
         return [why]
     model = tokenizer_json.get("model") or {}

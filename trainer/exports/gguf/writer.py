@@ -16,7 +16,7 @@ from kubetune.trainer.context import RunContext
 from kubetune.trainer.exports.gguf.support import ARCHITECTURES, pre_tokenizer, rope, unsupported
 from kubetune.validation import InvalidJob, Problem
 
-QUANTIZE_FIELD = "spec.export.quantize"
+FORMATS_FIELD = "spec.export.formats"
 
 
 def f16_file(ctx: RunContext, merged: Path) -> Path:
@@ -60,7 +60,7 @@ def write_f16(model_dir: Path, path: Path, *, name: str) -> None:
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     problems = unsupported(config, tokenizer_json)
     if problems:
-        raise InvalidJob("export", [Problem(QUANTIZE_FIELD, p) for p in problems])
+        raise InvalidJob("export", [Problem(FORMATS_FIELD, p) for p in problems])
     shape = Shape.of(config)
     writer = gguf.GGUFWriter(path, shape.arch)
     _hyperparameters(writer, config, shape, name)
