@@ -3,7 +3,7 @@
     .venv/bin/python bench/operator_scale.py                          # 100, 500, 1000, as fast as possible
     .venv/bin/python bench/operator_scale.py --sizes 1000 --rate 20   # paced: 20 FineTuneJobs per second
 
-The control plane is the project's (``kubetune.testing.controlplane.ControlPlane``: etcd and
+The control plane is the project's (``kubetune_testkit.controlplane.ControlPlane``: etcd and
 kube-apiserver on loopback) without the controller manager, so the load is the operator's and no
 pod is created. For each size, a fresh namespace and a fresh operator process
 (``python -m kubetune operator -n NS`` with the control plane's admin kubeconfig) are used; the
@@ -63,8 +63,8 @@ from urllib3.exceptions import ProtocolError
 
 from kubetune import api
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import install_crd
-from kubetune.testing.controlplane import ControlPlane, free_port
+from kubetune_testkit.controlplane import ControlPlane, free_port
+from kubetune_testkit.operator_runner import install_crd
 
 Counts = dict[tuple[str, str], float]
 COLUMNS: tuple[Column, ...] = (

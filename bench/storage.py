@@ -4,7 +4,7 @@ a plain boto3 loop, both directions.
     .venv/bin/python bench/storage.py                         # 4 x 256 MiB + tokenizer files, 3 rounds
     .venv/bin/python bench/storage.py --file-mib 64 --repeats 1 --methods kubetune,s5cmd   # quick look
 
-The server is the project's test S3 server (``kubetune.testing.s3.S3Server``: versitygw with its
+The server is the project's test S3 server (``kubetune_testkit.s3.S3Server``: versitygw with its
 posix backend) on 127.0.0.1; every method talks to the same one. The prefix looks like a
 Hugging Face model: ``--files`` safetensors shards of ``--file-mib`` MiB (incompressible) plus a
 tokenizer's and config's small files. The download source is uploaded once with
@@ -46,7 +46,7 @@ from typing import Any
 from _common import HERE, comma_list, cpu_seconds, load1, now, parser_for, print_table, shown, write_results
 
 from kubetune.storage import MiB, ObjectStore, parse_uri
-from kubetune.testing.s3 import S3Server
+from kubetune_testkit.s3 import S3Server
 
 BLOCK = 1 * MiB
 # A tokenizer's and config's small files, sizes as in a Llama 3 8B checkpoint.

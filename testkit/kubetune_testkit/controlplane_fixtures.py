@@ -1,6 +1,6 @@
 """pytest plugin: a session-wide real control plane (etcd, kube-apiserver,
 kube-controller-manager). Load it with ``pytest_plugins =
-["kubetune.testing.controlplane_fixtures"]`` or ``-p kubetune.testing.controlplane_fixtures``.
+["kubetune_testkit.controlplane_fixtures"]`` or ``-p kubetune_testkit.controlplane_fixtures``.
 
 The CRDs in ``<rootdir>/crds/`` are installed before the controller manager starts, so
 its garbage collector follows their objects at once. No scheduler or kubelet runs: Pods
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import ControlPlane, wait_until
+from kubetune_testkit.controlplane import ControlPlane, wait_until
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune import api
 
 if TYPE_CHECKING:
-    from kubetune.testing.s3 import S3Server
+    from kubetune_testkit.s3 import S3Server
 
 
 def finetunejob(name: str, namespace: str | None = None, **spec: Any) -> dict[str, Any]:

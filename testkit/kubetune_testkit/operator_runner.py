@@ -17,11 +17,10 @@ from typing import Any, TypeVar
 from kubernetes.client import ApiClient
 
 from kubetune import crd
-from kubetune.testing.controlplane import ControlPlane, free_port, install_crds, wait_until
-
-from . import main, planning, rbac
-from .kube import Kube
-from .metrics import Metrics
+from kubetune.operator import main, planning, rbac
+from kubetune.operator.kube import Kube
+from kubetune.operator.metrics import Metrics
+from kubetune_testkit.controlplane import ControlPlane, free_port, install_crds, wait_until
 
 T = TypeVar("T")
 

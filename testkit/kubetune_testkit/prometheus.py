@@ -31,11 +31,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kubetune.testing.controlplane import free_port, wait_until
-from kubetune.testing.controlplane.processes import Process
+from kubetune_testkit import REPO_ROOT
+from kubetune_testkit.controlplane import free_port, wait_until
+from kubetune_testkit.controlplane.processes import Process
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = _REPO_ROOT / "hack" / "build-prometheus"
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-prometheus"
 _BUILD_LOCK = threading.Lock()
 
 T = TypeVar("T")

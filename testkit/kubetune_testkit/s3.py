@@ -12,8 +12,8 @@ a test can take the server away for a while and bring it back.
 
 Command line::
 
-    python -m kubetune.testing.s3 binary   # print the binary, build if missing
-    python -m kubetune.testing.s3 serve    # run until interrupted, print endpoint and keys
+    python -m kubetune_testkit.s3 binary   # print the binary, build if missing
+    python -m kubetune_testkit.s3 serve    # run until interrupted, print endpoint and keys
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import boto3
 from botocore.config import Config
 
 from kubetune.storage import StorageConfig, StorageCredentials
+from kubetune_testkit import REPO_ROOT
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -46,8 +47,7 @@ if TYPE_CHECKING:
 VERSITYGW_VERSION = "v1.8.0"
 """The version ``hack/build-s3-server`` builds; also part of the cache directory's name."""
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = _REPO_ROOT / "hack" / "build-s3-server"
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-s3-server"
 _BUILD_LOCK = threading.Lock()
 
 
@@ -353,7 +353,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubetune.testing.s3")
+    parser = argparse.ArgumentParser(prog="python -m kubetune_testkit.s3")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("binary", help="print the versitygw binary, building it if missing")
     serve = sub.add_parser("serve", help="run a server until interrupted")

@@ -1,8 +1,8 @@
-"""pytest fixtures for a real S3-compatible server on loopback (see :mod:`kubetune.testing.s3`).
+"""pytest fixtures for a real S3-compatible server on loopback (see :mod:`kubetune_testkit.s3`).
 
-Enable with ``pytest_plugins = ["kubetune.testing.s3_fixtures"]`` or ``-p kubetune.testing.s3_fixtures``.
+Enable with ``pytest_plugins = ["kubetune_testkit.s3_fixtures"]`` or ``-p kubetune_testkit.s3_fixtures``.
 
-- ``s3_server``: one :class:`~kubetune.testing.s3.S3Server` for the whole session, started on
+- ``s3_server``: one :class:`~kubetune_testkit.s3.S3Server` for the whole session, started on
   first use; a test may stop and start it (it is started again for the next test).
 - ``s3_bucket``: the name of a fresh, empty bucket on it, deleted with its content afterwards.
 - ``s3_client``: a plain boto3 client for the server, to act behind the back of the code under test.
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kubetune.testing.s3 import S3Server
+from kubetune_testkit.s3 import S3Server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

@@ -24,14 +24,14 @@ from kubernetes.client.exceptions import ApiException
 from kubetune import api
 from kubetune.operator import main, planning
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import (
+from kubetune_testkit.controlplane import ControlPlane
+from kubetune_testkit.operator_runner import (
     OperatorRunner,
     install_crd,
     set_pod_finished,
     set_pod_running,
     wait_for,
 )
-from kubetune.testing.controlplane import ControlPlane
 
 from .conftest import CHART, VALUES_ALL, Helm, Manifest, one
 

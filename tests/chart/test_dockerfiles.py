@@ -245,7 +245,7 @@ def test_what_the_images_copy_is_in_the_build_context(dockerfile: str) -> None:
         for source in sources:
             assert (ROOT / source).exists(), source
             assert dockerignore_allows(source.rstrip("/")), f"{source} is excluded by .dockerignore"
-    for heavy in (".venv", ".git", "runs", "tests", "kubetune/testing"):
+    for heavy in (".venv", ".git", "runs", "tests", "testkit"):
         assert not dockerignore_allows(heavy), f"{heavy} would be sent to the image build"
 
 

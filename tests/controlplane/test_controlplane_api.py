@@ -12,7 +12,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from kubetune.testing.controlplane import (
+from kubetune_testkit.controlplane import (
     ETCD_VERSION,
     KUBERNETES_VERSION,
     ControlPlane,

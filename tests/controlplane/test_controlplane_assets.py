@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.testing.controlplane import (
+from kubetune_testkit.controlplane import (
     ControlPlaneError,
     assets,
     assets_cache_dir,
@@ -15,7 +15,7 @@ from kubetune.testing.controlplane import (
     find_fake_node_binaries,
     locate_binary,
 )
-from kubetune.testing.controlplane.assets import ASSET_ENV_VARS, BINARY_NAMES, FAKE_NODE_BINARY_NAMES
+from kubetune_testkit.controlplane.assets import ASSET_ENV_VARS, BINARY_NAMES, FAKE_NODE_BINARY_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 

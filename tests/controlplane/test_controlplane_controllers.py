@@ -8,7 +8,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import wait_until
+from kubetune_testkit.controlplane import wait_until
 
 from .conftest import job_complete
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, FakeNode, wait_until
+from kubetune_testkit.controlplane import ControlPlane, ControlPlaneError, FakeNode, wait_until
 
 from .conftest import job_complete
 

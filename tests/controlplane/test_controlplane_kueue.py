@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import KUEUE_VERSION, ControlPlane, FakeNode, wait_until
+from kubetune_testkit.controlplane import KUEUE_VERSION, ControlPlane, FakeNode, wait_until
 
 from .conftest import job_complete
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import ControlPlane, ControlPlaneError, find_binaries, wait_until
+from kubetune_testkit.controlplane import ControlPlane, ControlPlaneError, find_binaries, wait_until
 
 pytestmark = pytest.mark.controlplane
 
@@ -71,7 +71,7 @@ def test_processes_die_with_their_parent(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from kubetune.testing.controlplane import ControlPlane\n"
+            "from kubetune_testkit.controlplane import ControlPlane\n"
             f"ControlPlane(controller_manager=False, work_dir={str(work_dir)!r}).start()\n"
             "print('ready', flush=True)\n"
             "time.sleep(600)\n",

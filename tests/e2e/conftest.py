@@ -19,10 +19,10 @@ from kubernetes import config as k8s_config
 
 from kubetune import api
 from kubetune.operator.kube import Kube
-from kubetune.testing import node
-from kubetune.testing.controlplane import find_binaries, wait_until
-from kubetune.testing.manifests import tiny_run
-from kubetune.testing.s3 import S3Server
+from kubetune_testkit import node
+from kubetune_testkit.controlplane import find_binaries, wait_until
+from kubetune_testkit.manifests import tiny_run
+from kubetune_testkit.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_CLUSTER = ROOT / "hack" / "e2e-cluster"

@@ -22,8 +22,8 @@ from kubetune import api, contract
 from kubetune.artifacts import pull
 from kubetune.operator.kube import Kube
 from kubetune.storage import ObjectStore
-from kubetune.testing import node
-from kubetune.testing.controlplane import KUBERNETES_VERSION
+from kubetune_testkit import node
+from kubetune_testkit.controlplane import KUBERNETES_VERSION
 
 from .conftest import Cluster, Run, status, trainer_pods, wait_for
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.testing.prometheus import Binaries, PrometheusError, find_binaries
+from kubetune_testkit.prometheus import Binaries, PrometheusError, find_binaries
 
 from ..chart.conftest import helm
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.testing.prometheus import Binaries
+from kubetune_testkit.prometheus import Binaries
 
 from ..chart.conftest import VALUES_ALL, Helm, find, one
 

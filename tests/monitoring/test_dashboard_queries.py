@@ -28,11 +28,17 @@ from kubernetes.client import ApiClient, CoreV1Api, V1Namespace, V1ObjectMeta
 from kubetune import contract
 from kubetune.operator import planning
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import OperatorRunner, install_crd, set_pod_finished, set_pod_running, wait_for
 from kubetune.storage import ObjectStore
-from kubetune.testing.controlplane import ControlPlane, free_port
-from kubetune.testing.prometheus import Binaries, PrometheusServer, ScrapeJob, Series
-from kubetune.testing.s3 import S3Server
+from kubetune_testkit.controlplane import ControlPlane, free_port
+from kubetune_testkit.operator_runner import (
+    OperatorRunner,
+    install_crd,
+    set_pod_finished,
+    set_pod_running,
+    wait_for,
+)
+from kubetune_testkit.prometheus import Binaries, PrometheusServer, ScrapeJob, Series
+from kubetune_testkit.s3 import S3Server
 
 from ..chart.test_dashboard import dashboard, queries
 from ..operator.test_trainer_pod import finetunejob, run_pod, s3_secret, status_in_phase, trainer_pod

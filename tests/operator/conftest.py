@@ -13,7 +13,7 @@ from kubernetes.client import ApiClient
 
 from kubetune.operator.kube import Kube
 from kubetune.operator.planning import OperatorConfig
-from kubetune.operator.testing import OperatorRunner, install_crd
+from kubetune_testkit.operator_runner import OperatorRunner, install_crd
 
 
 @pytest.fixture(scope="module")

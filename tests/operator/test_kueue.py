@@ -18,14 +18,14 @@ from kubernetes import client as k8s
 
 from kubetune import api
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import (
+from kubetune_testkit.controlplane import ControlPlane, FakeNode
+from kubetune_testkit.operator_runner import (
     OperatorRunner,
     install_crd,
     operator_identity,
     set_pod_finished,
     wait_for,
 )
-from kubetune.testing.controlplane import ControlPlane, FakeNode
 
 pytestmark = pytest.mark.controlplane
 

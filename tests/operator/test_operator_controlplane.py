@@ -2,7 +2,7 @@
 
 No kubelet runs: the tests write pod status as a kubelet would (``set_pod_*``) and the real
 Job controller turns it into Job status, which the operator maps to the FineTuneJob.
-Run with ``-p kubetune.testing.controlplane_fixtures``.
+Run with ``-p kubetune_testkit.controlplane_fixtures``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from kubetune.operator.handlers import Controller
 from kubetune.operator.kube import Kube
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.reconcile import Reconciler
-from kubetune.operator.testing import (
+from kubetune_testkit import manifests
+from kubetune_testkit.controlplane import ControlPlane, free_port
+from kubetune_testkit.operator_runner import (
     OperatorRunner,
     operator_identity,
     set_pod_finished,
@@ -36,8 +38,6 @@ from kubetune.operator.testing import (
     set_pod_waiting,
     wait_for,
 )
-from kubetune.testing import manifests
-from kubetune.testing.controlplane import ControlPlane, free_port
 
 pytestmark = pytest.mark.controlplane
 

@@ -15,8 +15,8 @@ from kubetune.contract import PEER_LOST_EXIT_CODE
 from kubetune.operator import observe, planning, workload
 from kubetune.operator.kube import Kube
 from kubetune.operator.planning import OperatorConfig, admission, image_allowed, plan
-from kubetune.operator.testing import OperatorRunner, set_pod_finished
-from kubetune.testing import manifests
+from kubetune_testkit import manifests
+from kubetune_testkit.operator_runner import OperatorRunner, set_pod_finished
 
 from .test_operator_controlplane import create, create_with_pod, events, get, live_pod, pods, wait_phase
 

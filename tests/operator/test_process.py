@@ -128,7 +128,7 @@ def test_the_operator_imports_no_ml_framework() -> None:
     import sys
 
     code = (
-        "import sys, kubetune.operator.main, kubetune.operator.testing\n"
+        "import sys, kubetune.operator.main, kubetune_testkit.operator_runner\n"
         "heavy = ('torch', 'transformers', 'peft', 'datasets', 'bitsandbytes', 'accelerate')\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('kubetune.trainer')]\n"
         "print(sorted(loaded))"

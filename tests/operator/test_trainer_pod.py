@@ -26,11 +26,11 @@ from kubernetes.client.exceptions import ApiException
 from kubetune import api
 from kubetune.operator import planning
 from kubetune.operator.kube import Kube
-from kubetune.operator.testing import OperatorRunner, set_pod_finished, set_pod_running, wait_for
 from kubetune.storage import ObjectStore
-from kubetune.testing.controlplane import ControlPlane
-from kubetune.testing.manifests import tiny_run
-from kubetune.testing.s3 import S3Server
+from kubetune_testkit.controlplane import ControlPlane
+from kubetune_testkit.manifests import tiny_run
+from kubetune_testkit.operator_runner import OperatorRunner, set_pod_finished, set_pod_running, wait_for
+from kubetune_testkit.s3 import S3Server
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.s3, pytest.mark.training]
 

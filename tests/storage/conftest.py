@@ -1,4 +1,4 @@
-"""Fixtures for the storage tests. The server itself comes from ``kubetune.testing.s3_fixtures``."""
+"""Fixtures for the storage tests. The server itself comes from ``kubetune_testkit.s3_fixtures``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from kubetune.storage import ObjectStore
-from kubetune.testing.s3 import RequestRecorder, S3Server
+from kubetune_testkit.s3 import RequestRecorder, S3Server
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from kubetune.artifacts import Manifest, find_runs
 from kubetune.cli import app
 from kubetune.storage import ObjectStore, crc64_hex
-from kubetune.testing.s3 import RequestRecorder, S3Server
+from kubetune_testkit.s3 import RequestRecorder, S3Server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

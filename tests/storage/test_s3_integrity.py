@@ -13,7 +13,7 @@ import pytest
 from awscrt.checksums import crc64nvme  # type: ignore[import-untyped]
 
 from kubetune.storage import ChecksumMismatchError, ObjectStore, crc64_hex
-from kubetune.testing.s3 import RequestRecorder, S3Server
+from kubetune_testkit.s3 import RequestRecorder, S3Server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from kubetune.storage import ObjectStore, StorageError
-from kubetune.testing.s3 import RequestRecorder, S3Server
+from kubetune_testkit.s3 import RequestRecorder, S3Server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kubetune.storage import ObjectNotFoundError, ObjectStore, StorageError
-from kubetune.testing.s3 import S3Server
+from kubetune_testkit.s3 import S3Server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kubetune.storage import ObjectStore
-from kubetune.testing.s3 import RequestRecorder, S3Server
+from kubetune_testkit.s3 import RequestRecorder, S3Server
 
 pytestmark = pytest.mark.s3
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.storage import ObjectNotFoundError, ObjectStore, StorageCredentials, StorageError
-from kubetune.testing.s3 import S3Server
+from kubetune_testkit.s3 import S3Server
 
 pytestmark = pytest.mark.s3
 

@@ -15,10 +15,10 @@ from kubernetes import client
 
 from kubetune import api
 from kubetune.storage import ObjectStore, Transfer, URILike
-from kubetune.testing.s3 import S3Server
 from kubetune.trainer.pipeline import execute
 from kubetune.trainer.reporter import SilentReporter
 from kubetune.trainer.status import StatusReporter
+from kubetune_testkit.s3 import S3Server
 
 from .conftest import tiny_job
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from kubetune.storage import ObjectStore, StorageConfig, StorageCredentials
-from kubetune.testing.s3 import S3Server
 from kubetune.trainer import presets
 from kubetune.trainer.stages import merge
+from kubetune_testkit.s3 import S3Server
 
 from .conftest import tiny_job
 

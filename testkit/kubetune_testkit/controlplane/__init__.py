@@ -7,8 +7,8 @@ Binaries come from ``TEST_ASSET_*`` variables, ``$KUBEBUILDER_ASSETS``, the proj
 
 Command line (used by ``hack/dev-cluster``)::
 
-    python -m kubetune.testing.controlplane assets            # print binaries, build if missing
-    python -m kubetune.testing.controlplane serve --dir DIR   # run until SIGTERM
+    python -m kubetune_testkit.controlplane assets            # print binaries, build if missing
+    python -m kubetune_testkit.controlplane serve --dir DIR   # run until SIGTERM
 
 The parts: :mod:`.assets` (the binaries), :mod:`.pki` (certificates and kubeconfigs),
 :mod:`.processes` (starting, stopping and waiting for processes), :mod:`.components` (each

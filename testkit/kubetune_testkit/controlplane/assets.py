@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from kubetune_testkit import REPO_ROOT
+
 from .errors import ControlPlaneError
 
 KUBERNETES_VERSION = "v1.33.13"
@@ -49,9 +51,8 @@ KUEUE_VERSION = "v0.13.10"
 
 KUEUE_ENV_VAR = "TEST_ASSET_KUEUE"
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]
-BUILD_SCRIPT = _REPO_ROOT / "hack" / "build-test-assets"
-KUEUE_BUILD_SCRIPT = _REPO_ROOT / "hack" / "build-kueue"
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-test-assets"
+KUEUE_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-kueue"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The command line of the test control plane (used by ``hack/dev-cluster``)::
 
-python -m kubetune.testing.controlplane assets [--kueue]            # print binaries, build if missing
-python -m kubetune.testing.controlplane serve --dir DIR [--kueue]   # run until SIGTERM
+python -m kubetune_testkit.controlplane assets [--kueue]            # print binaries, build if missing
+python -m kubetune_testkit.controlplane serve --dir DIR [--kueue]   # run until SIGTERM
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubetune.testing import controlplane as package
+from kubetune_testkit import controlplane as package
 
 from . import assets
 from .assets import find_binaries, find_fake_node_binaries, find_kueue
@@ -43,7 +43,7 @@ def _serve(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune.testing.controlplane",
+        prog="python -m kubetune_testkit.controlplane",
         description=f"{package.__doc__}\n{assets.__doc__}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

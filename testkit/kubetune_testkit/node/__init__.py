@@ -26,8 +26,8 @@ What the node is made of, and why:
 
 Command line (used by ``hack/e2e-cluster``)::
 
-    python -m kubetune.testing.node serve --dir DIR   # run until SIGTERM; DIR/ready when up
-    python -m kubetune.testing.node cleanup --dir DIR # undo what a (crashed) serve left
+    python -m kubetune_testkit.node serve --dir DIR   # run until SIGTERM; DIR/ready when up
+    python -m kubetune_testkit.node cleanup --dir DIR # undo what a (crashed) serve left
 """
 
 from .cluster import Node

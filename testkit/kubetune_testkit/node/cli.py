@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubetune.testing import node as package
-from kubetune.testing.controlplane import ControlPlaneError
-from kubetune.testing.controlplane.processes import serve_until_signal
+from kubetune_testkit import node as package
+from kubetune_testkit.controlplane import ControlPlaneError
+from kubetune_testkit.controlplane.processes import serve_until_signal
 
 from .cluster import Node
 from .host import cleanup
@@ -41,7 +41,7 @@ def _serve(directory: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune.testing.node",
+        prog="python -m kubetune_testkit.node",
         description=package.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 from kubernetes import client as k8s
 
-from kubetune.testing.controlplane import ControlPlane, assets_cache_dir, free_port
-from kubetune.testing.controlplane.pki import CertificateAuthority, write_kubeconfig
-from kubetune.testing.controlplane.processes import Process, wait_until
+from kubetune_testkit.controlplane import ControlPlane, assets_cache_dir, free_port
+from kubetune_testkit.controlplane.pki import CertificateAuthority, write_kubeconfig
+from kubetune_testkit.controlplane.processes import Process, wait_until
 
 from .config import cni_conflist, containerd_toml, kubelet_configuration
 from .containerd import ctr, import_images, kill_tasks

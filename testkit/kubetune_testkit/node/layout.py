@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune.testing.controlplane import ControlPlaneError
+from kubetune_testkit.controlplane import ControlPlaneError
 
 NODE_NAME = "kubetune-e2e"
 BRIDGE = "kubetune0"
