@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,11 +268,9 @@ def quantization_config(quant: api.Quantization, *, sharded: bool = False) -> An
     )
 
 
-def load_base(spec: api.FineTuneJobSpec, source: str, *, quantized: bool) -> Any:
-    """The base model: full precision for full/LoRA (and for merging), k-bit for QLoRA."""
-    from transformers import AutoModelForCausalLM
-
-    options = hub_options(spec, source) | SAFE_LOAD
+def base_options(spec: api.FineTuneJobSpec, *, quantized: bool) -> dict[str, Any]:
+    """from_pretrained's dtype, placement, quantization and attention for the base model."""
+    options: dict[str, Any] = {}
     quant = spec.resolved_quantization() if quantized else None
     if quant is not None:
         options["quantization_config"] = quantization_config(quant, sharded=sharded(spec))
@@ -285,37 +285,105 @@ def load_base(spec: api.FineTuneJobSpec, source: str, *, quantized: bool) -> Any
     )
     if attention is not None:
         options["attn_implementation"] = attention
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
-    except (ValueError, ImportError) as exc:
-        if (
-            spec.training.attention != "auto"
-            or attention is None
-            or "flash attention" not in str(exc).lower()
-        ):
-            raise
-        # auto chose flash attention for a model that does not support it: the default instead.
-        del options["attn_implementation"]
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    return options
+
+
+def load_base(spec: api.FineTuneJobSpec, source: str, *, quantized: bool) -> Any:
+    """The base model: full precision for full/LoRA (and for merging), k-bit for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    options = base_options(spec, quantized=quantized)
+    model = _with_attention_fallback(
+        spec,
+        options,
+        lambda o: AutoModelForCausalLM.from_pretrained(source, **hub_options(spec, source), **SAFE_LOAD, **o),
+    )
     model.config.use_cache = False
     return model
 
 
-def placement(workdir: Path) -> dict[str, Any]:
+def empty_replica(spec: api.FineTuneJobSpec, source: str) -> Any:
+    """The base model's layout in uninitialized host memory, for a rank that FSDP fills from
+    rank 0: no weight is read, and pages never written cost no resident memory. (Not the meta
+    device: accelerate tells parameters apart by their storage address to rebind the optimizer.)
+    The buffers FSDP does not send, the non-persistent ones such as the rotary frequencies, are
+    computed here as transformers initializes them."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec, source)
+    options = base_options(spec, quantized=False)
+    with torch.device("meta"):
+        model = _with_attention_fallback(
+            spec,
+            options,
+            lambda o: AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.model.trust_remote_code, **o
+            ),
+        )
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        # initialize_weights below runs on these modules alone: all others are marked done
+        module._is_hf_initialized = not module._non_persistent_buffers_set
+    model.initialize_weights()
+    model.config.use_cache = False
+    return model
+
+
+def _with_attention_fallback(spec: api.FineTuneJobSpec, options: dict[str, Any], load: Any) -> Any:
+    try:
+        return load(options)
+    except (ValueError, ImportError) as exc:
+        if (
+            spec.training.attention != "auto"
+            or "attn_implementation" not in options
+            or "flash attention" not in str(exc).lower()
+        ):
+            raise
+        # auto chose flash attention for a model that does not support it: the default instead.
+        return load({k: v for k, v in options.items() if k != "attn_implementation"})
+
+
+def placement(workdir: Path, host_budget: int | None = None) -> dict[str, Any]:
     """from_pretrained options for a model rank 0 loads alone after training: on GPUs spread by
-    accelerate over the node's devices (then host memory, then disk), else on the CPU."""
+    accelerate over the node's devices (then host memory, then disk), else on the CPU, where
+    ``host_budget`` bytes of host memory, if given, bound it and the rest goes to disk."""
     if torch.cuda.is_available():
         return {"device_map": "auto", "offload_folder": str(workdir / "offload")}
+    if host_budget is not None:
+        return {
+            "device_map": "auto",
+            "max_memory": {"cpu": host_budget},
+            "offload_folder": str(workdir / "offload"),
+        }
     return {}
 
 
-def load_placed(spec: api.FineTuneJobSpec, weights: str | Path, workdir: Path) -> Any:
+def load_placed(
+    spec: api.FineTuneJobSpec, weights: str | Path, workdir: Path, *, host_budget: int | None = None
+) -> Any:
     """A model to evaluate on rank 0 alone, in the compute dtype, placed as ``placement`` says."""
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(spec.training.precision)
-    options = hub_options(spec, str(weights)) | SAFE_LOAD | placement(workdir)
-    return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, **options)
+    options = hub_options(spec, str(weights)) | SAFE_LOAD | placement(workdir, host_budget)
+    with not_an_fsdp_load():
+        return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, **options)
+
+
+# Left set in the process by accelerate and TrainingArguments once FSDP is on. With a process
+# group up, transformers then treats every load as an FSDP load and places a model split by a
+# device map without accelerate's hooks: its first forward fails across devices.
+FSDP_LOADING_VARIABLES = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+
+
+@contextmanager
+def not_an_fsdp_load() -> Iterator[None]:
+    """For a model that is not FSDP's to shard, whatever FSDP set up in this process before."""
+    saved = {name: os.environ.pop(name) for name in FSDP_LOADING_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def load_trained(spec: api.FineTuneJobSpec, source: str, staged: Path, workdir: Path) -> Any:
@@ -351,17 +419,17 @@ def sharded(spec: api.FineTuneJobSpec, processes: int | None = None) -> bool:
 def trainable_model(spec: api.FineTuneJobSpec, source: str) -> Any:
     """The model the trainer optimizes: the base itself (full) or the base with an adapter.
 
-    Under FSDP only the first process of each node reads the weights, into host memory; the
-    others build the model on the meta device, and FSDP hands every rank its shards from rank 0
-    when it wraps the model. Each GPU then only ever holds its shards.
+    Under FSDP (full and LoRA) only global rank 0 reads the weights, into host memory; the
+    others build an empty replica (``empty_replica``), and FSDP hands every rank its shards from rank 0
+    when it wraps the model (accelerate's ``cpu_ram_efficient_loading``). Each GPU then only ever
+    holds its shards. FSDP-QLoRA loads on every rank: each quantizes its own copy on its GPU.
     """
     quantized = spec.method == api.Method.QLORA
     fsdp = sharded(spec)
-    if fsdp:
-        # transformers reads these at load time; TrainingArguments sets them too, but later.
-        os.environ["ACCELERATE_USE_FSDP"] = "true"
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
-    model = load_base(spec, source, quantized=quantized)
+    if fsdp and not quantized and not distributed.is_main():
+        model = empty_replica(spec, source)
+    else:
+        model = load_base(spec, source, quantized=quantized)
     if not quantized and not fsdp:  # k-bit weights are placed as they load (device_map)
         # On this process's device now: the baseline evaluation runs before Trainer would move it.
         model = model.to(device())
@@ -370,9 +438,13 @@ def trainable_model(spec: api.FineTuneJobSpec, source: str) -> Any:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if spec.method == api.Method.QLORA:
+        checkpointing = spec.training.resolved_gradient_checkpointing(base_parameters(model))
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=spec.training.resolved_gradient_checkpointing(base_parameters(model)),
+            # Under FSDP, FSDP's own activation checkpointing wraps the decoder layers (see
+            # train.fsdp_config): the model's own would recompute each layer a second time.
+            use_gradient_checkpointing=checkpointing and not fsdp,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         keep_cpu_weights_trainable(model)
     return get_peft_model(model, lora_config(spec))
