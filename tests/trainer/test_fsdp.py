@@ -30,7 +30,13 @@ TRAINING = {"maxSteps": 6, "learningRate": 0.003, "batchSize": 8, "maxSeqLength"
 
 
 def run(
-    tmp_path: Path, name: str, launch: list[str], *, method: str = "full", **training: Any
+    tmp_path: Path,
+    name: str,
+    launch: list[str],
+    *,
+    method: str = "full",
+    environ: dict[str, str] | None = None,
+    **training: Any,
 ) -> subprocess.Popen[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     job = tmp_path / f"{name}.json"
@@ -38,7 +44,7 @@ def run(
     if method == "qlora":  # fp32 compute, so that FSDP and DDP are compared without bf16 rounding
         spec["quantization"] = {"bits": 4, "computeDtype": "float32"}
     job.write_text(tiny_job(name, **spec).model_dump_json(by_alias=True))
-    extra = {"KUBETUNE_WORKDIR": str(tmp_path / "work" / name), "PYTHONPATH": str(SHIM)}
+    extra = {"KUBETUNE_WORKDIR": str(tmp_path / "work" / name), "PYTHONPATH": str(SHIM), **(environ or {})}
     return subprocess.Popen(
         [*KUBETUNE, "run", str(job), "--output", str(tmp_path / "out"), *launch],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(tmp_path, **extra),
@@ -96,6 +102,21 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
         assert sorted(p.name for p in (step / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert (step / "COMPLETE").exists() and not (step / "model.safetensors").exists()
+
+
+def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
+    """One forward and one recomputation per layer and micro-batch: FSDP's checkpoint wrapper
+    alone, not the model's own checkpointing inside it (which peft turns on for QLoRA)."""
+    counts = tmp_path / "calls"
+    counts.mkdir()
+    steps = 4
+    two = ["--nproc-per-node", "2"]
+    counting = {"KUBETUNE_TEST_LAYER_CALLS": str(counts)}
+    training = {"strategy": "fsdp", "maxSteps": steps, "gradientCheckpointing": True}
+    log = finished(run(tmp_path, "fsdp", two, method="qlora", environ=counting, **training))
+    assert "gradient checkpointing on" in log
+    calls = {p.name: int(p.read_text()) for p in counts.iterdir()}
+    assert calls == {"rank-0": 2 * steps, "rank-1": 2 * steps}
 
 
 def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:

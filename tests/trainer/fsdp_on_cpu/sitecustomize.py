@@ -26,3 +26,29 @@ def _keep_fsdp(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) ->
 
 
 accelerate.state.AcceleratorState.__init__ = _keep_fsdp
+
+
+def _count_layer_calls(folder: str) -> None:
+    """Counts the forward calls of the first decoder layer in training mode (a recomputation
+    by activation checkpointing is one more), written to ``folder/rank-N`` at exit."""
+    import atexit
+    import os
+    from pathlib import Path
+
+    from transformers.models.llama import modeling_llama
+
+    forward = modeling_llama.LlamaDecoderLayer.forward
+    calls = [0]
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.training and self.self_attn.layer_idx == 0:
+            calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    modeling_llama.LlamaDecoderLayer.forward = counting  # type: ignore[method-assign]
+    if "RANK" in os.environ:  # a training process, not the launcher
+        atexit.register(lambda: Path(folder, f"rank-{os.environ['RANK']}").write_text(f"{calls[0]}\n"))
+
+
+if _folder := __import__("os").environ.get("KUBETUNE_TEST_LAYER_CALLS"):
+    _count_layer_calls(_folder)
