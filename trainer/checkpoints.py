@@ -37,7 +37,7 @@ from transformers import Trainer, TrainerCallback
 
 from kubetune import contract
 from kubetune.storage import StorageURI
-from kubetune.trainer import distributed
+from kubetune.trainer import distributed, resume
 from kubetune.trainer.context import RunContext
 
 MARKER = "COMPLETE"
@@ -93,6 +93,11 @@ class CheckpointSync(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if distributed.is_main() and local.is_dir():
+            layout = resume.Layout(
+                distributed.world_size(), args.per_device_train_batch_size, args.gradient_accumulation_steps
+            )
+            resume.write_layout(local, layout)
         if args.fsdp:
             self._save_shards(local, state.global_step)
             return

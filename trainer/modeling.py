@@ -321,6 +321,7 @@ def empty_replica(spec: api.FineTuneJobSpec, source: str) -> Any:
             ),
         )
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives each use of a shared parameter a tensor of its own
     for module in model.modules():
         # initialize_weights below runs on these modules alone: all others are marked done
         module._is_hf_initialized = not module._non_persistent_buffers_set

@@ -122,7 +122,7 @@ def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
 def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:
     nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     first = [
-        run(tmp_path, f"node{i}", [*nodes, "--rdzv-id", "f"], strategy="fsdp", checkpointEvery=3)
+        run(tmp_path, f"node{i}", [*nodes, "--rdzv-id", "f"], strategy="fsdp", checkpointEvery=3, batchSize=6)
         for i in range(2)
     ]
     for node in first:
@@ -139,8 +139,9 @@ def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processe
     before = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
 
     three = ["--nproc-per-node", "3"]
-    log = finished(run(tmp_path, "three", three, strategy="fsdp", checkpointEvery=3, maxSteps=9))
+    log = finished(run(tmp_path, "three", three, strategy="fsdp", checkpointEvery=3, maxSteps=9, batchSize=6))
     assert "resuming from checkpoint step 6" in log
+    assert "as 3 processes x 4 examples x 1 accumulation: the same 12 examples a step" in log
     history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
     losses = {h["step"]: h["loss"] for h in history if "loss" in h}
     assert sorted(losses) == list(range(1, 10)), "an optimizer step was repeated or lost"

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from kubetune import api, contract
-from kubetune.trainer import checkpoints, distributed, modeling
+from kubetune.trainer import checkpoints, distributed, modeling, resume
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data import PackedCollator, PaddingCollator
 
@@ -200,17 +200,23 @@ def batches(ctx: RunContext) -> tuple[Sequence[Any], CountingCollator, str]:
 def run(ctx: RunContext) -> None:
     assert ctx.data is not None
     data, spec = ctx.data, ctx.spec
-    train_set, counter, layout = batches(ctx)
+    processes = distributed.world_size()
+    sync = checkpoints.CheckpointSync(ctx) if spec.training.checkpoint_every else None
+    checkpoint = sync.restore() if sync is not None else None
+    if checkpoint is not None:
+        spec, change = resume.spec_for(spec, Path(checkpoint), processes)
+        if change:
+            ctx.reporter.log(change)
+    train_set, counter, layout_words = batches(ctx)
     args = training_arguments(
         spec, ctx.workdir / "trainer", has_validation=bool(data.validation), model=ctx.model
     )
-    processes = distributed.world_size()
     fsdp: dict[str, Any] = args.fsdp_config if args.fsdp and isinstance(args.fsdp_config, dict) else {}
     checkpointing = bool(args.activation_checkpointing or fsdp.get("activation_checkpointing"))
     sharding = "FSDP2 (weights, gradients and optimizer states sharded)" if fsdp else "DDP"
     ctx.reporter.log(
         f"train: {modeling.precision_of(spec.training.precision).why}; "
-        f"attention {modeling.attention_of(ctx.model)}; batches {layout}; "
+        f"attention {modeling.attention_of(ctx.model)}; batches {layout_words}; "
         f"gradient checkpointing {'on' if checkpointing else 'off'}; "
         f"Liger kernels {'on' if args.use_liger_kernel else 'off'}"
         + (f"; {sharding} over {processes} processes" if processes > 1 else "")
@@ -219,10 +225,9 @@ def run(ctx: RunContext) -> None:
     if args.load_best_model_at_end and spec.training.early_stopping is not None:
         stop = spec.training.early_stopping
         callbacks.append(EarlyStoppingCallback(stop.patience, stop.threshold))
-    sync = checkpoints.CheckpointSync(ctx) if spec.training.checkpoint_every else None
     if sync is not None:
         callbacks.append(sync)
-    trainer = Trainer(
+    trainer = resume.ResumingTrainer(
         model=ctx.model,
         args=args,
         train_dataset=train_set,
@@ -232,17 +237,16 @@ def run(ctx: RunContext) -> None:
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through the reporter
-    resume = sync.restore() if sync is not None else None
-    if resume is not None and checkpoints.finished(resume, planned_steps(trainer)):
+    if checkpoint is not None and checkpoints.finished(checkpoint, planned_steps(trainer)):
         # Trainer would take one more step from a checkpoint at the very end: load it instead.
-        trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         runtime = 0.0
     else:
         try:
             with checkpoints.save_on_sigterm(trainer):
                 runtime = float(
-                    trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime", 0.0)
+                    trainer.train(resume_from_checkpoint=checkpoint).metrics.get("train_runtime", 0.0)
                 )
         except checkpoints.Interrupted:
             if sync is not None:

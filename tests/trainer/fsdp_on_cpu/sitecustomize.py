@@ -52,3 +52,44 @@ def _count_layer_calls(folder: str) -> None:
 
 if _folder := __import__("os").environ.get("KUBETUNE_TEST_LAYER_CALLS"):
     _count_layer_calls(_folder)
+
+
+def _record_trained_examples(folder: str, stop_after: int | None) -> None:
+    """Appends the examples of every micro-batch this process trains to ``folder/rank-R.PID``
+    (one line each: a hash of its tokens), and with ``stop_after`` sends this process SIGTERM
+    as that optimizer step begins (rank 0 only), as a node drain would."""
+    import itertools
+    import os
+    import signal
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    training_step = transformers.Trainer.training_step
+    log = Path(folder, f"rank-{os.environ.get('RANK', '0')}.{os.getpid()}")
+    signalled = [False]
+
+    def recording(self: Any, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if stop_after is not None and not signalled[0] and self.state.global_step == stop_after - 1:
+            if os.environ.get("RANK", "0") == "0":
+                os.kill(os.getpid(), signal.SIGTERM)
+            signalled[0] = True
+        lines = []
+        for ids, positions, labels in zip(
+            inputs["input_ids"], inputs["position_ids"], inputs["labels"], strict=True
+        ):
+            starts = [*(torch.nonzero(positions == 0).flatten().tolist()), len(ids)]
+            for start, end in itertools.pairwise(starts):
+                if bool((labels[start:end] != -100).any()):  # an example, not the padding block
+                    lines.append(f"{hash(tuple(ids[start:end].tolist()))}\n")
+        with log.open("a") as out:
+            out.write("".join(lines))
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    transformers.Trainer.training_step = recording  # type: ignore[method-assign]
+
+
+if _examples := __import__("os").environ.get("KUBETUNE_TEST_TRAINED_EXAMPLES"):
+    _stop = __import__("os").environ.get("KUBETUNE_TEST_SIGTERM_AT_STEP")
+    _record_trained_examples(_examples, int(_stop) if _stop else None)
