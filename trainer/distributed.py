@@ -19,11 +19,12 @@ import torch
 
 from kubetune import contract
 
-# Rank 0 evaluates, merges, quantizes and uploads while the others wait: far longer than the
-# default collective timeout. The wait is on a gloo group (no NCCL watchdog); a peer that dies
-# breaks it at once (its sockets close), so only a hung rank 0 makes it last this long.
-FINISH_TIMEOUT = dt.timedelta(hours=24)
-_finish_group: dict[str, torch.distributed.ProcessGroup] = {}
+# Rank 0 evaluates the base before training, and evaluates, merges, quantizes and uploads after
+# it, while the others wait: far longer than a training collective may take. The wait is on a
+# gloo group (no NCCL watchdog); a peer that dies breaks it at once (its sockets close), so only
+# a hung rank 0 makes it last this long.
+PATIENT_TIMEOUT = dt.timedelta(hours=24)
+_patient_group: dict[str, torch.distributed.ProcessGroup] = {}
 
 
 def rank() -> int:
@@ -65,10 +66,10 @@ def init(timeout: dt.timedelta | None = None) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank())
         torch.distributed.init_process_group(backend, timeout=timeout)
-    if world_size() > 1 and not _finish_group:
-        group = torch.distributed.new_group(backend="gloo", timeout=FINISH_TIMEOUT)
+    if world_size() > 1 and not _patient_group:
+        group = torch.distributed.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
         assert isinstance(group, torch.distributed.ProcessGroup)  # every rank is a member
-        _finish_group["group"] = group
+        _patient_group["group"] = group
 
 
 def barrier() -> None:
@@ -86,10 +87,10 @@ def agree(flag: bool) -> bool:
     return bool(value.item())
 
 
-def finish_barrier() -> None:
-    """Every rank waits here until all are done (rank 0 has published)."""
+def wait_for_main() -> None:
+    """Every rank waits here until all have arrived, rank 0 after its work alone, however long."""
     if torch.distributed.is_initialized():
-        torch.distributed.barrier(group=_finish_group.get("group"))
+        torch.distributed.barrier(group=_patient_group.get("group"))
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
@@ -108,7 +109,7 @@ def peer_lost(error: BaseException) -> bool:
 
 
 def shutdown() -> None:
-    _finish_group.clear()
+    _patient_group.clear()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -111,22 +111,23 @@ def execute(
     if distributed.is_main():
         shutil.rmtree(ctx.staging, ignore_errors=True)
     try:
-        for step in STAGES:
-            if step.main_only and not distributed.is_main():
-                continue
+        for index, step in enumerate(STAGES):
             applies = step.when(job.spec)
-            if not (applies or step.reported_if_skipped):
-                continue
-            reporter.stage_started(step.stage)
-            started = time.monotonic()
-            if applies:
-                _run(step, ctx)
-            ctx.timings[step.stage.value] = round(time.monotonic() - started, 2)
-            reporter.stage_finished(step.stage, ctx.timings[step.stage.value])
+            if (applies or step.reported_if_skipped) and (distributed.is_main() or not step.main_only):
+                reporter.stage_started(step.stage)
+                started = time.monotonic()
+                if applies:
+                    _run(step, ctx)
+                ctx.timings[step.stage.value] = round(time.monotonic() - started, 2)
+                reporter.stage_finished(step.stage, ctx.timings[step.stage.value])
+            if step.main_only and applies and any(not later.main_only for later in STAGES[index + 1 :]):
+                # Not in the next stage's first collective, bounded by collectiveTimeoutSeconds:
+                # a 70B model's baseline takes longer than a training collective may.
+                distributed.wait_for_main()
         # No rank ends before rank 0 has published: should rank 0 fail now, every peer fails
         # with it (peer lost) and the whole group restarts, instead of pod 0 waiting alone for
         # peers whose pods already succeeded.
-        distributed.finish_barrier()
+        distributed.wait_for_main()
     finally:
         distributed.shutdown()
     return ctx

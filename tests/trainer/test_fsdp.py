@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kubetune import api
+from kubetune import api, contract
 from kubetune.trainer import modeling
 from kubetune.trainer.stages import train as train_stage
 
@@ -36,11 +36,12 @@ def run(
     *,
     method: str = "full",
     environ: dict[str, str] | None = None,
+    evaluation: dict[str, Any] = EVAL,
     **training: Any,
 ) -> subprocess.Popen[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     job = tmp_path / f"{name}.json"
-    spec: dict[str, Any] = {"training": TRAINING | training, "evaluation": EVAL, "method": method}
+    spec: dict[str, Any] = {"training": TRAINING | training, "evaluation": evaluation, "method": method}
     if method == "qlora":  # fp32 compute, so that FSDP and DDP are compared without bf16 rounding
         spec["quantization"] = {"bits": 4, "computeDtype": "float32"}
     job.write_text(tiny_job(name, **spec).model_dump_json(by_alias=True))
@@ -147,3 +148,15 @@ def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processe
     assert sorted(losses) == list(range(1, 10)), "an optimizer step was repeated or lost"
     assert {h["step"]: h["loss"] for h in before if "loss" in h}.items() <= losses.items()
     assert losses[9] < losses[6], "training went on from the restored weights and optimizer"
+
+
+def test_a_baseline_longer_than_the_collective_timeout_does_not_fail_the_others(tmp_path: Path) -> None:
+    """Rank 0 evaluates the base alone while the other ranks wait for it, not inside a collective
+    bounded by collectiveTimeoutSeconds (loading and scoring a 70B model takes longer)."""
+    slow = {"KUBETUNE_TEST_SLOW_BASELINE": "20", contract.COLLECTIVE_TIMEOUT_ENV: "8"}
+    evaluation = {"metrics": ["loss"], "baseline": True}
+    process = run(
+        tmp_path, "slow", ["--nproc-per-node", "2"], method="lora", environ=slow, evaluation=evaluation
+    )
+    log = finished(process)
+    assert "before: loss" in log and "DDP over 2 processes" in log

@@ -93,3 +93,27 @@ def _record_trained_examples(folder: str, stop_after: int | None) -> None:
 if _examples := __import__("os").environ.get("KUBETUNE_TEST_TRAINED_EXAMPLES"):
     _stop = __import__("os").environ.get("KUBETUNE_TEST_SIGTERM_AT_STEP")
     _record_trained_examples(_examples, int(_stop) if _stop else None)
+
+
+def _slow_baseline(seconds: float) -> None:
+    """Rank 0's baseline takes ``seconds`` longer, as loading and scoring a 70B model does."""
+    import time
+
+    from kubetune.trainer.stages import baseline
+
+    run = baseline.run
+
+    def slow(ctx: Any) -> None:
+        time.sleep(seconds)
+        run(ctx)
+
+    baseline.run = slow
+    from kubetune.trainer import pipeline
+
+    pipeline.STAGES[:] = [
+        type(step)(**{**step.__dict__, "run": slow}) if step.run is run else step for step in pipeline.STAGES
+    ]
+
+
+if _delay := __import__("os").environ.get("KUBETUNE_TEST_SLOW_BASELINE"):
+    _slow_baseline(float(_delay))
