@@ -113,7 +113,7 @@ def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
     steps = 4
     two = ["--nproc-per-node", "2"]
     counting = {"KUBETUNE_TEST_LAYER_CALLS": str(counts)}
-    training = {"strategy": "fsdp", "maxSteps": steps, "gradientCheckpointing": True}
+    training: dict[str, Any] = {"strategy": "fsdp", "maxSteps": steps, "gradientCheckpointing": True}
     log = finished(run(tmp_path, "fsdp", two, method="qlora", environ=counting, **training))
     assert "gradient checkpointing on" in log
     calls = {p.name: int(p.read_text()) for p in counts.iterdir()}
