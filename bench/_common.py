@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,7 +82,7 @@ def cpu_seconds(pid: int) -> float:
 
 def run_side(
     script: str,
-    result_type: type[T],
+    result_type: Callable[..., T],
     side: str,
     repeat: int,
     settings_file: Path,
