@@ -120,6 +120,21 @@ def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
     assert calls == {"rank-0": 2 * steps, "rank-1": 2 * steps}
 
 
+def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32_as_ddp_does(tmp_path: Path) -> None:
+    """Summing bf16 gradients over many ranks rounds at every step of the reduction; DDP sums fp32."""
+    recorded = tmp_path / "precision"
+    recorded.mkdir()
+    environ = {"KUBETUNE_TEST_FSDP_PRECISION": str(recorded)}
+    two = ["--nproc-per-node", "2"]
+    log = finished(run(tmp_path, "bf16", two, environ=environ, strategy="fsdp", precision="bf16", maxSteps=2))
+    assert "FSDP2" in log
+    policies = {p.name: p.read_text().split() for p in recorded.iterdir()}
+    assert policies == {
+        "rank-0": ["torch.bfloat16", "torch.float32"],
+        "rank-1": ["torch.bfloat16", "torch.float32"],
+    }
+
+
 def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:
     nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     first = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -237,23 +238,9 @@ def run(ctx: RunContext) -> None:
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through the reporter
-    if checkpoint is not None and checkpoints.finished(checkpoint, planned_steps(trainer)):
-        # Trainer would take one more step from a checkpoint at the very end: load it instead.
-        trainer._load_from_checkpoint(checkpoint)
-        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-        runtime = 0.0
-    else:
-        try:
-            with checkpoints.save_on_sigterm(trainer):
-                runtime = float(
-                    trainer.train(resume_from_checkpoint=checkpoint).metrics.get("train_runtime", 0.0)
-                )
-        except checkpoints.Interrupted:
-            if sync is not None:
-                sync.wait()  # the checkpoint of the stop step, within the grace period
-            raise
-        if sync is not None:
-            sync.wait()  # every checkpoint is in storage before the stages that publish
+    if trainer.is_fsdp_enabled:
+        reduce_gradients_in_fp32(trainer)
+    runtime = train(trainer, checkpoint, sync)
     # The whole run's log, also the steps before a resume (restored with the checkpoint).
     ctx.history = [
         {"step": float(entry["step"]), **{k: float(v) for k, v in entry.items() if _number(v)}}
@@ -271,6 +258,38 @@ def run(ctx: RunContext) -> None:
             ctx.model.save_pretrained(target, safe_serialization=True)
     if trainer.is_world_process_zero():
         ctx.tokenizer.save_pretrained(target)
+
+
+def train(trainer: Trainer, checkpoint: str | None, sync: checkpoints.CheckpointSync | None) -> float:
+    """Train from ``checkpoint`` (or the start), every checkpoint in storage at the end; the
+    training seconds of this attempt."""
+    if checkpoint is not None and checkpoints.finished(checkpoint, planned_steps(trainer)):
+        # Trainer would take one more step from a checkpoint at the very end: load it instead.
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        return 0.0
+    try:
+        with checkpoints.save_on_sigterm(trainer):
+            runtime = float(
+                trainer.train(resume_from_checkpoint=checkpoint).metrics.get("train_runtime", 0.0)
+            )
+    except checkpoints.Interrupted:
+        if sync is not None:
+            sync.wait()  # the checkpoint of the stop step, within the grace period
+        raise
+    if sync is not None:
+        sync.wait()  # every checkpoint is in storage before the stages that publish
+    return runtime
+
+
+def reduce_gradients_in_fp32(trainer: Trainer) -> None:
+    """accelerate has FSDP2 reduce gradients in the compute dtype; DDP sums them in fp32. Summed
+    in bf16 over many ranks, they round at every step of the reduction: fp32 it is, as DDP does
+    (twice the bytes of a bf16 reduce-scatter)."""
+    plugin = trainer.accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if policy is not None and policy.param_dtype not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
 
 
 def save_sharded(trainer: Trainer, ctx: RunContext, target: Path) -> Any:

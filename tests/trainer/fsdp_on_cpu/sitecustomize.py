@@ -22,6 +22,9 @@ def _keep_fsdp(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) ->
         # Later AcceleratorState() calls copy PartialState's type over this one: set both.
         accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.distributed_type = DistributedType.FSDP
+        # As accelerate does on GPUs, where FSDP's policy carries the mixed precision.
+        if self._mixed_precision != "no":
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = fsdp_plugin
 
 
@@ -117,3 +120,28 @@ def _slow_baseline(seconds: float) -> None:
 
 if _delay := __import__("os").environ.get("KUBETUNE_TEST_SLOW_BASELINE"):
     _slow_baseline(float(_delay))
+
+
+def _record_fsdp_precision(folder: str) -> None:
+    """Writes the dtypes FSDP2 computes and reduces gradients in, as a decoder block's unit has
+    them at the first training step, to ``folder/rank-R``."""
+    import os
+    from pathlib import Path
+
+    import transformers
+
+    training_step = transformers.Trainer.training_step
+
+    def recording(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        log = Path(folder, f"rank-{os.environ.get('RANK', '0')}")
+        if not log.exists():
+            block = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+            policy = block._get_fsdp_state()._mp_policy
+            log.write_text(f"{policy.param_dtype} {policy.reduce_dtype}\n")
+        return training_step(self, model, *args, **kwargs)
+
+    transformers.Trainer.training_step = recording  # type: ignore[method-assign]
+
+
+if _precision := __import__("os").environ.get("KUBETUNE_TEST_FSDP_PRECISION"):
+    _record_fsdp_precision(_precision)
