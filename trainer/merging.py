@@ -163,3 +163,26 @@ def _copy_config(base_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
     )
     if (base_dir / "generation_config.json").exists():
         shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
+
+
+def cast_shards(folder: Path, dtype: torch.dtype) -> None:
+    """The floating weights of a saved checkpoint in ``dtype``, in place, one shard at a time
+    (each written beside and renamed over the old), and its config saying so."""
+    total = 0
+    for file in shard_files(folder):
+        shard = {
+            key: tensor.to(dtype) if tensor.is_floating_point() else tensor
+            for key, tensor in load_file(str(folder / file)).items()
+        }
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        partial = folder / f".{file}.partial"
+        save_file(shard, str(partial), metadata={"format": "pt"})
+        partial.replace(folder / file)
+        del shard
+    if (folder / INDEX).exists():
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

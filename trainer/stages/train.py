@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from kubetune import api, contract
-from kubetune.trainer import checkpoints, distributed, modeling, resume
+from kubetune.trainer import checkpoints, distributed, merging, modeling, resume
 from kubetune.trainer.context import RunContext
 from kubetune.trainer.data import PackedCollator, PaddingCollator
 
@@ -258,6 +258,19 @@ def run(ctx: RunContext) -> None:
             ctx.model.save_pretrained(target, safe_serialization=True)
     if trainer.is_world_process_zero():
         ctx.tokenizer.save_pretrained(target)
+        if spec.method == api.Method.FULL:
+            published_in_base_dtype(ctx, target)
+
+
+def published_in_base_dtype(ctx: RunContext, weights: Path) -> None:
+    """Full fine-tuning trains fp32 master weights; the result is published as its base was
+    (bf16 for most: half the bytes), unless the base gives no dtype."""
+    assert ctx.model_source is not None
+    dtype = modeling.load_config(ctx.spec, ctx.model_source).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype) and dtype != torch.float32:
+        merging.cast_shards(weights, dtype)
 
 
 def train(trainer: Trainer, checkpoint: str | None, sync: checkpoints.CheckpointSync | None) -> float:
