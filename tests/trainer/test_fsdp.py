@@ -135,6 +135,20 @@ def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32_as_ddp_does(tmp_pat
     }
 
 
+def test_fsdp_lora_gathers_the_adapter_alone_to_save_it(tmp_path: Path) -> None:
+    """Rank 0 holds the adapter it saves, not the whole frozen base beside it (140 GB at 70B)."""
+    recorded = tmp_path / "saved"
+    recorded.mkdir()
+    environ = {"KUBETUNE_TEST_SAVED_STATE": str(recorded)}
+    finished(
+        run(tmp_path, "lora", ["--nproc-per-node", "2"], method="lora", environ=environ, strategy="fsdp")
+    )
+    names = (recorded / "rank-0").read_text().split()
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names), names[:3]
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == len(names)
+
+
 def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:
     nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     first = [

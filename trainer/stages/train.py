@@ -306,9 +306,13 @@ def reduce_gradients_in_fp32(trainer: Trainer) -> None:
 
 
 def save_sharded(trainer: Trainer, ctx: RunContext, target: Path) -> Any:
-    """Every rank gives its shards; rank 0 writes the full weights (or adapter) in HF layout and
-    loads them back for the stages it runs alone: the sharded model needs every rank to compute."""
-    state = trainer.accelerator.get_state_dict(trainer.model)  # collective; full on rank 0, in host memory
+    """Every rank gives its shards; rank 0 writes the full weights (or the adapter alone) in HF
+    layout and loads them back for the stages it runs alone: the sharded model needs every rank
+    to compute."""
+    if ctx.spec.method == api.Method.FULL:
+        state = trainer.accelerator.get_state_dict(trainer.model)  # collective; full on rank 0, host memory
+    else:
+        state = trained_state(trainer.model)
     if not trainer.is_world_process_zero():
         return None
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -316,3 +320,17 @@ def save_sharded(trainer: Trainer, ctx: RunContext, target: Path) -> Any:
     del state
     assert ctx.model_source is not None
     return modeling.load_trained(ctx.spec, ctx.model_source, target, ctx.workdir)
+
+
+def trained_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trained parameters (an adapter) gathered whole on rank 0, in host memory; the frozen
+    base stays sharded. A collective: every rank calls it."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+            if distributed.is_main():
+                state[name.replace("_checkpoint_wrapped_module.", "")] = whole.cpu()
+    return state

@@ -145,3 +145,25 @@ def _record_fsdp_precision(folder: str) -> None:
 
 if _precision := __import__("os").environ.get("KUBETUNE_TEST_FSDP_PRECISION"):
     _record_fsdp_precision(_precision)
+
+
+def _record_saved_state(folder: str) -> None:
+    """Writes the names of the tensors handed to a PeftModel's save_pretrained (what the process
+    gathered to save the adapter) to ``folder/rank-R``."""
+    import os
+    from pathlib import Path
+
+    import peft
+
+    save_pretrained = peft.PeftModel.save_pretrained
+
+    def recording(self: Any, *args: Any, state_dict: Any = None, **kwargs: Any) -> Any:
+        if state_dict is not None:
+            Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text("\n".join(state_dict) + "\n")
+        return save_pretrained(self, *args, state_dict=state_dict, **kwargs)
+
+    peft.PeftModel.save_pretrained = recording  # type: ignore[method-assign]
+
+
+if _saved := __import__("os").environ.get("KUBETUNE_TEST_SAVED_STATE"):
+    _record_saved_state(_saved)
