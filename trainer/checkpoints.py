@@ -13,9 +13,10 @@ own rotation may delete them meanwhile), at most one snapshot waits behind the o
 is over. A failed upload fails the run at the next save or at the end.
 
 Under FSDP every rank writes its own shard files, and on several nodes each node holds only its
-ranks' files: there the first process of every node uploads what its node wrote, while training
-waits, and rank 0 writes the marker once all of them are done. A restore downloads every shard to
-every node, so a run resumes on another number of processes too (the shards are resharded on load).
+ranks' files: there the first process of every node uploads what its node wrote, in the same way
+beside training, and marks its part done (``.node-K``); rank 0's uploader writes ``COMPLETE`` once
+every node's part is. A restore downloads every shard to every node, so a run resumes on another
+number of processes too (the shards are resharded on load; see ``resume``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +43,9 @@ from kubetune.trainer import distributed, resume
 from kubetune.trainer.context import RunContext
 
 MARKER = "COMPLETE"
+NODE_DONE = ".node-"  # + the node's index: its part of a sharded checkpoint is in storage
 KEEP = 2
+POLL_SECONDS = 1.0
 
 
 class Interrupted(RuntimeError):
@@ -76,6 +80,7 @@ class CheckpointSync(TrainerCallback):
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
         self.uploaded: list[int] = []  # steps whose COMPLETE marker is written, in order
+        self.nodes = 1  # that upload parts of each checkpoint: several under FSDP on several nodes
 
     def restore(self) -> str | None:
         """The newest complete checkpoint, on local disk for every process of this node."""
@@ -86,7 +91,8 @@ class CheckpointSync(TrainerCallback):
         local = self.ctx.workdir / "trainer" / f"checkpoint-{step}"
         if distributed.local_rank() == 0:
             self.ctx.store.download_prefix(self.remote.join(f"step-{step}"), local)
-            (local / MARKER).unlink(missing_ok=True)
+            for marker in [local / MARKER, *local.glob(f"{NODE_DONE}*")]:
+                marker.unlink(missing_ok=True)
         distributed.barrier()
         self.ctx.reporter.log(f"resuming from checkpoint step {step}")
         return str(local)
@@ -99,9 +105,12 @@ class CheckpointSync(TrainerCallback):
             )
             resume.write_layout(local, layout)
         if args.fsdp:
-            self._save_shards(local, state.global_step)
-            return
-        if not state.is_world_process_zero or not local.is_dir():
+            distributed.barrier()  # every rank's files of this step are written
+            self.nodes = distributed.world_size() // distributed.local_world_size()
+            uploads = distributed.local_rank() == 0
+        else:
+            uploads = state.is_world_process_zero
+        if not uploads or not local.is_dir():
             return
         self._raise_failed()
         snapshot = self.ctx.workdir / "checkpoint-uploads" / local.name
@@ -111,17 +120,6 @@ class CheckpointSync(TrainerCallback):
             self._worker = threading.Thread(target=self._upload_loop, name="checkpoint-upload", daemon=True)
             self._worker.start()
         self._queue.put(snapshot)
-
-    def _save_shards(self, local: Path, step: int) -> None:
-        distributed.barrier()  # every rank's files of this step are written
-        target = self.remote.join(f"step-{step}")
-        if distributed.local_rank() == 0:
-            self.ctx.store.upload_prefix(local, target)
-        distributed.barrier()  # every node's files are in storage
-        if distributed.is_main():
-            self.ctx.store.write_text(target.join(MARKER), f"{step}\n")
-            self.uploaded.append(step)
-            self._prune(step)
 
     def wait(self) -> None:
         """Until every checkpoint saved so far is uploaded with its marker; raises its error."""
@@ -149,6 +147,14 @@ class CheckpointSync(TrainerCallback):
         assert step is not None
         target = self.remote.join(f"step-{step}")
         self.ctx.store.upload_prefix(snapshot, target)
+        if self.nodes > 1:
+            node = distributed.rank() // distributed.local_world_size()
+            self.ctx.store.write_text(target.join(f"{NODE_DONE}{node}"), f"{step}\n")
+            if not distributed.is_main():
+                return
+            parts = {target.join(f"{NODE_DONE}{k}") for k in range(self.nodes)}
+            while not all(self.ctx.store.exists(part) for part in parts):
+                time.sleep(POLL_SECONDS)  # another node still uploading; should it fail, so does the job
         self.ctx.store.write_text(target.join(MARKER), f"{step}\n")
         self.uploaded.append(step)
         self._prune(step)

@@ -149,6 +149,35 @@ def test_fsdp_lora_gathers_the_adapter_alone_to_save_it(tmp_path: Path) -> None:
     assert len(adapter) == len(names)
 
 
+def test_two_nodes_upload_their_shards_beside_training(tmp_path: Path) -> None:
+    """A sharded checkpoint goes to storage while the GPUs train on: the upload of step 2, held
+    8 s, ends after later steps ran, on both nodes, and each checkpoint is complete at the end."""
+    events = tmp_path / "events"
+    events.mkdir()
+    environ = {"KUBETUNE_TEST_SLOW_UPLOADS": str(events)}
+    nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    for node in [
+        run(
+            tmp_path,
+            f"node{i}",
+            [*nodes, "--rdzv-id", "u"],
+            environ=environ,
+            strategy="fsdp",
+            checkpointEvery=2,
+        )
+        for i in range(2)
+    ]:
+        finished(node)
+    for rank in ("rank-0", "rank-1"):
+        lines = [line.split() for line in (events / rank).read_text().splitlines()]
+        uploaded = next(float(t) for kind, what, t in lines if kind == "uploaded" and what == "step-2")
+        later = [int(what) for kind, what, t in lines if kind == "step" and float(t) < uploaded]
+        assert max(later) > 2, f"{rank}: training waited for the upload of step 2"
+    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert kept == ["step-4", "step-6"]
+    assert all((tmp_path / "out" / "checkpoints" / step / "COMPLETE").exists() for step in kept)
+
+
 def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:
     nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     first = [

@@ -167,3 +167,40 @@ def _record_saved_state(folder: str) -> None:
 
 if _saved := __import__("os").environ.get("KUBETUNE_TEST_SAVED_STATE"):
     _record_saved_state(_saved)
+
+
+def _slow_checkpoint_upload(folder: str, seconds: float) -> None:
+    """The upload of checkpoint step 2 takes ``seconds`` longer (a slow link); ``folder/rank-R``
+    gets a line per training micro-batch (``step N T``) and per upload (``uploaded NAME T``)."""
+    import os
+    import time
+    from pathlib import Path
+
+    import transformers
+
+    from kubetune.storage import ObjectStore
+
+    log = Path(folder, f"rank-{os.environ.get('RANK', '0')}")
+    upload_prefix = ObjectStore.upload_prefix
+    training_step = transformers.Trainer.training_step
+
+    def slow(self: Any, source: Any, uri: Any, **kwargs: Any) -> Any:
+        name = str(uri).rstrip("/").rsplit("/", 1)[-1]
+        if "/checkpoints/" in str(uri) and name == "step-2":
+            time.sleep(seconds)
+        result = upload_prefix(self, source, uri, **kwargs)
+        with log.open("a") as out:
+            out.write(f"uploaded {name} {time.time()}\n")
+        return result
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with log.open("a") as out:
+            out.write(f"step {self.state.global_step + 1} {time.time()}\n")
+        return training_step(self, *args, **kwargs)
+
+    ObjectStore.upload_prefix = slow  # type: ignore[method-assign]
+    transformers.Trainer.training_step = recording  # type: ignore[method-assign]
+
+
+if _uploads := __import__("os").environ.get("KUBETUNE_TEST_SLOW_UPLOADS"):
+    _slow_checkpoint_upload(_uploads, 8.0)
