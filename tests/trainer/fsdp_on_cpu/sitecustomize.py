@@ -198,7 +198,7 @@ def _slow_checkpoint_upload(folder: str, seconds: float) -> None:
             out.write(f"step {self.state.global_step + 1} {time.time()}\n")
         return training_step(self, *args, **kwargs)
 
-    ObjectStore.upload_prefix = slow  # type: ignore[method-assign]
+    ObjectStore.upload_prefix = slow  # type: ignore[method-assign,assignment]
     transformers.Trainer.training_step = recording  # type: ignore[method-assign]
 
 
