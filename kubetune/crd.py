@@ -89,6 +89,8 @@ class _Converter:
             outer = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
             return self.node({**options[0], **outer}, path)
         out: dict[str, Any] = {k: schema[k] for k in _KEPT_KEYWORDS if k in schema}
+        if "const" in schema:  # a Literal of one value
+            out["enum"] = [schema["const"]]
         for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
             if bound in schema:
                 out[plain] = schema[bound]

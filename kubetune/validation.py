@@ -41,6 +41,7 @@ _PATTERN_MEANINGS = {
     api.QUANTITY_PATTERN: "must be a Kubernetes quantity such as 8, 500m or 32Gi",
     api.DATA_URI_PATTERN: "must be s3://bucket/key, file://path, a local path, hf://id or builtin:name",
     api.OUTPUT_URI_PATTERN: "must be s3://bucket/prefix, file://path or a local path",
+    api.NETWORK_ATTACHMENT_PATTERN: "must be a network attachment: [namespace/]name[@interface]",
 }
 
 _TYPE_NAMES = {

@@ -7,16 +7,19 @@ the equivalent Python predicate for offline validation. Every field carries a de
 it is what ``kubectl explain`` shows.
 """
 
-from kubetune.api.cluster import Resources, Scheduling, Toleration
+from kubetune.api.cluster import Network, Resources, Scheduling, Toleration
 from kubetune.api.common import (
     API_VERSION,
     CHECKPOINTING_FROM_PARAMETERS,
     DATA_URI_PATTERN,
     DNS_LABEL_PATTERN,
     DNS_SUBDOMAIN_PATTERN,
+    EXTENDED_RESOURCE_PATTERN,
     GROUP,
     KIND,
     MODEL_NAME_PATTERN,
+    NCCL_ENV_PATTERN,
+    NETWORK_ATTACHMENT_PATTERN,
     OUTPUT_URI_PATTERN,
     PARENT_SEGMENT,
     PLURAL,
@@ -28,6 +31,7 @@ from kubetune.api.common import (
     DnsLabel,
     DnsSubdomain,
     Model,
+    NetworkAttachment,
     OutputUri,
     Quantity,
     ShortStr,
@@ -55,12 +59,15 @@ __all__ = [
     "DNS_LABEL_PATTERN",
     "DNS_SUBDOMAIN_PATTERN",
     "EXPORTS",
+    "EXTENDED_RESOURCE_PATTERN",
     "GGUF_ARCHITECTURES",
     "GGUF_MODEL_TYPES",
     "GROUP",
     "KIND",
     "MODEL_NAME_PATTERN",
     "MUTABLE_WHEN_STARTED",
+    "NCCL_ENV_PATTERN",
+    "NETWORK_ATTACHMENT_PATTERN",
     "OUTPUT_URI_PATTERN",
     "PARENT_SEGMENT",
     "PLURAL",
@@ -94,6 +101,8 @@ __all__ = [
     "Model",
     "ModelSource",
     "ModuleName",
+    "Network",
+    "NetworkAttachment",
     "ObjectMeta",
     "Output",
     "OutputUri",

@@ -6,7 +6,48 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
-from kubetune.api.common import DnsSubdomain, Model, Quantity
+from kubetune.api.common import DnsSubdomain, Model, NetworkAttachment, Quantity
+
+
+class Network(Model):
+    """The trainer pods' fast network between nodes (InfiniBand, RoCE): RDMA devices, the
+    capability to pin memory, secondary networks and NCCL's settings."""
+
+    extended_resources: dict[str, Annotated[int, Field(ge=1, le=256)]] = Field(
+        default_factory=dict,
+        max_length=8,
+        description=(
+            "Extended resources per node (domain/name: count) that the trainer container requests, "
+            "e.g. rdma/rdma_shared_device_a: 1 or nvidia.com/hostdev: 8 from an RDMA or SR-IOV "
+            "device plugin. Not the GPU resource: that is gpus."
+        ),
+    )
+    capabilities: list[Literal["IPC_LOCK"]] = Field(
+        default_factory=list,
+        max_length=1,
+        description=(
+            "Linux capabilities added to the trainer container, which otherwise drops all: IPC_LOCK, "
+            "which RDMA asks for to pin memory. Needs a namespace at the privileged Pod Security level. "
+            "containerd and CRI-O keep an added capability out of the effective set of a non-root "
+            "process such as the trainer (uid 1000): pinning then depends on the node's memlock limit."
+        ),
+    )
+    networks: list[NetworkAttachment] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Secondary networks of the trainer pods, [namespace/]name[@interface] of Multus "
+            "NetworkAttachmentDefinitions: the pods' k8s.v1.cni.cncf.io/networks annotation."
+        ),
+    )
+    nccl_env: dict[str, Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description=(
+            "NCCL_* environment variables of the trainer, e.g. NCCL_IB_HCA or NCCL_SOCKET_IFNAME. "
+            "NCCL_DEBUG here replaces the default of pods with several GPUs (INFO, subsystems INIT,NET)."
+        ),
+    )
 
 
 class Resources(Model):
@@ -44,6 +85,10 @@ class Resources(Model):
         "80Gi",
         description="Memory of one GPU: the memory plan (kubetune plan, the MemoryPlan condition) "
         "checks the job against it. Default 80Gi.",
+    )
+    network: Network | None = Field(
+        None,
+        description="RDMA devices, capabilities, secondary networks and NCCL settings; unset: none.",
     )
 
 

@@ -28,6 +28,14 @@ PARENT_SEGMENT = r"(^|/)[.][.](/|$)"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+# spec.resources.network. Written with [.] instead of an escaped dot: EXTENDED_RESOURCE_PATTERN and
+# NCCL_ENV_PATTERN check map keys, which have no schema pattern, so they are also CEL string literals.
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+EXTENDED_RESOURCE_PATTERN = rf"^{_DNS_SUBDOMAIN}/[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+NCCL_ENV_PATTERN = r"^NCCL_[A-Z0-9_]+$"
+# A Multus network attachment in the short form of k8s.v1.cni.cncf.io/networks:
+# [namespace/]name[@interface] (a Linux interface name has at most 15 characters).
+NETWORK_ATTACHMENT_PATTERN = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?{_DNS_SUBDOMAIN}(@[A-Za-z0-9_.-]{{1,15}})?$"
 
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 DnsLabel = Annotated[str, StringConstraints(max_length=63, pattern=DNS_LABEL_PATTERN)]
@@ -35,6 +43,7 @@ DnsSubdomain = Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBD
 Quantity = Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY_PATTERN)]
 DataUri = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=DATA_URI_PATTERN)]
 OutputUri = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=OUTPUT_URI_PATTERN)]
+NetworkAttachment = Annotated[str, StringConstraints(max_length=333, pattern=NETWORK_ATTACHMENT_PATTERN)]
 
 
 class Model(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic.alias_generators import to_snake
 
-from kubetune.api.common import PARENT_SEGMENT
+from kubetune.api.common import EXTENDED_RESOURCE_PATTERN, NCCL_ENV_PATTERN, PARENT_SEGMENT
 from kubetune.api.enums import Method
 from kubetune.api.resource import FineTuneJobSpec
 
@@ -26,6 +26,32 @@ def _no_parent_segment(parent: str, field: str) -> Callable[[FineTuneJobSpec], b
     def holds(spec: FineTuneJobSpec) -> bool:
         uri = _value(spec, parent, field)
         return uri is None or not re.search(PARENT_SEGMENT, uri)
+
+    return holds
+
+
+# The resource names Kubernetes keeps for itself; an extended resource is none of these.
+RESERVED_RESOURCE_DOMAIN = r"(^|[.])kubernetes[.]io/"
+RESOURCE_NAME_MAX = 253
+NCCL_ENV_NAME_MAX = 128
+
+
+def extended_resource_name(name: str) -> bool:
+    return (
+        len(name) <= RESOURCE_NAME_MAX
+        and re.match(EXTENDED_RESOURCE_PATTERN, name) is not None
+        and not re.search(RESERVED_RESOURCE_DOMAIN, name)
+        and not name.startswith("requests.")
+    )
+
+
+def nccl_env_name(name: str) -> bool:
+    return len(name) <= NCCL_ENV_NAME_MAX and re.match(NCCL_ENV_PATTERN, name) is not None
+
+
+def _keys(parent: str, field: str, valid: Callable[[str], bool]) -> Callable[[FineTuneJobSpec], bool]:
+    def holds(spec: FineTuneJobSpec) -> bool:
+        return all(valid(key) for key in _value(spec, parent, field) or {})
 
     return holds
 
@@ -97,6 +123,25 @@ RULES: tuple[Rule, ...] = (
             ("output", "uri"),
             ("evaluation.harness", "include"),
         )
+    ),
+    # Map keys have no schema pattern in a structural schema: these two check them.
+    Rule(
+        path="spec.resources.network",
+        cel="!has(self.extendedResources) || self.extendedResources.all(k, "
+        f"size(k) <= {RESOURCE_NAME_MAX} && k.matches('{EXTENDED_RESOURCE_PATTERN}') "
+        f"&& !k.matches('{RESERVED_RESOURCE_DOMAIN}') && !k.startsWith('requests.'))",
+        message="keys must be extended resource names, domain/name such as rdma/rdma_shared_device_a "
+        "(not in kubernetes.io)",
+        holds=_keys("resources.network", "extendedResources", extended_resource_name),
+        field="extendedResources",
+    ),
+    Rule(
+        path="spec.resources.network",
+        cel="!has(self.ncclEnv) || self.ncclEnv.all(k, "
+        f"size(k) <= {NCCL_ENV_NAME_MAX} && k.matches('{NCCL_ENV_PATTERN}'))",
+        message="keys must be NCCL_ variable names in upper case, such as NCCL_IB_HCA",
+        holds=_keys("resources.network", "ncclEnv", nccl_env_name),
+        field="ncclEnv",
     ),
     Rule(
         path="spec.export",

@@ -27,7 +27,14 @@ from .admission import (
     image_allowed,
 )
 from .configmap import config_map, resolved_job, spec_drift
-from .job import ANNOTATION_SUSPENDED_BY_SPEC, COMPLETION_INDEX_ANNOTATION, suspend_patch, trainer_job
+from .job import (
+    ANNOTATION_SUSPENDED_BY_SPEC,
+    COMPLETION_INDEX_ANNOTATION,
+    NCCL_DEBUG_DEFAULTS,
+    NETWORKS_ANNOTATION,
+    suspend_patch,
+    trainer_job,
+)
 from .meta import (
     ANNOTATION_GENERATION,
     ANNOTATION_JOB,
@@ -57,6 +64,8 @@ __all__ = [
     "LABEL_KUEUE_QUEUE",
     "LABEL_MANAGED_BY",
     "MANAGER",
+    "NCCL_DEBUG_DEFAULTS",
+    "NETWORKS_ANNOTATION",
     "Names",
     "OperatorConfig",
     "Owner",

@@ -69,6 +69,13 @@ def admission(job: api.FineTuneJob, config: OperatorConfig) -> tuple[str, str] |
             f"spec.image {spec.image} is not allowed by the operator (allowed: {allowed}); "
             "ask the cluster admin to add it to the chart's trainer.allowedImages",
         )
+    network = spec.resources.network
+    if network and config.gpu_resource in network.extended_resources:
+        return (
+            "InvalidResources",
+            f"spec.resources.network.extendedResources names {config.gpu_resource}, the operator's GPU "
+            "resource: set spec.resources.gpus instead",
+        )
     secrets = [s for s in (spec.credentials.storage_secret, spec.credentials.hugging_face_secret) if s]
     allowed_ns = config.secrets_namespaces
     if secrets and "*" not in allowed_ns and job.metadata.namespace not in allowed_ns:

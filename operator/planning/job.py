@@ -21,6 +21,24 @@ DEFAULT_SCRATCH_REQUEST = "10Gi"
 # gives it back to Kueue instead of unsuspending a Job Kueue has not admitted.
 ANNOTATION_SUSPENDED_BY_SPEC = "kubetune.io/suspended-by-spec"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# Multus reads a pod's secondary networks from this annotation (spec.resources.network.networks).
+NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
+# On pods whose processes talk through NCCL (several GPUs in all), unless spec.resources.network
+# sets NCCL_DEBUG: every rank logs, when a communicator is set up, the transport NCCL chose
+# ("Using network IB" or "Using network Socket"; "NET/IB : Using [0]mlx5_0:1/IB ..." or
+# "NET/Socket : Using [0]eth0..."; "Channel 00/0 : 0[0] -> 8[0] [send] via NET/IB/0/GDRDMA", or
+# "via P2P/..." and "via SHM/..." inside a pod). The INIT and NET subsystems log nothing per step.
+NCCL_DEBUG_DEFAULTS = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
+
+
+def _nccl_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+    """NCCL's environment: the user's NCCL_* variables, and the debug defaults where NCCL runs."""
+    network = spec.resources.network
+    user = dict(sorted(network.nccl_env.items())) if network else {}
+    resources = spec.resources
+    several_gpus = resources.gpus > 0 and resources.gpus * resources.nodes > 1
+    defaults = NCCL_DEBUG_DEFAULTS if several_gpus and "NCCL_DEBUG" not in user else {}
+    return [{"name": name, "value": value} for name, value in {**defaults, **user}.items()]
 
 
 def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names, grace: int) -> list[dict[str, Any]]:
@@ -55,7 +73,7 @@ def _env(spec: api.FineTuneJobSpec, owner: Owner, names: Names, grace: int) -> l
             {"name": contract.MASTER_ADDR_ENV, "value": f"{names.job}-0.{names.service}"},
             {"name": contract.MASTER_PORT_ENV, "value": str(contract.MASTER_PORT)},
         ]
-    return env
+    return env + _nccl_env(spec)
 
 
 def _resources(spec: api.FineTuneJobSpec, config: OperatorConfig) -> dict[str, Any]:
@@ -74,12 +92,22 @@ def _resources(spec: api.FineTuneJobSpec, config: OperatorConfig) -> dict[str, A
     if spec.resources.gpus:
         # Extended resources are never overcommitted: the limit alone sets the request too.
         limits[config.gpu_resource] = str(spec.resources.gpus)
+    if spec.resources.network:
+        # RDMA devices and the like; the operator's admission refuses the GPU resource here.
+        for name, count in sorted(spec.resources.network.extended_resources.items()):
+            limits[name] = str(count)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
     if limits:
         out["limits"] = limits
     return out
+
+
+def _capabilities(spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    """Every capability dropped, but those spec.resources.network adds (IPC_LOCK for RDMA)."""
+    added = list(spec.resources.network.capabilities) if spec.resources.network else []
+    return {"add": added, "drop": ["ALL"]} if added else {"drop": ["ALL"]}
 
 
 def trainer_container(
@@ -101,7 +129,7 @@ def trainer_container(
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
+            "capabilities": _capabilities(spec),
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "runAsUser": contract.TRAINER_UID,
@@ -160,11 +188,11 @@ def trainer_pod_template(
         pod_spec["priorityClassName"] = scheduling.priority_class_name
     if spec.resources.nodes > 1:
         pod_spec["subdomain"] = names.service
+    annotations = {ANNOTATION_JOB: owner.name}
+    if spec.resources.network and spec.resources.network.networks:
+        annotations[NETWORKS_ANNOTATION] = ",".join(spec.resources.network.networks)
     return {
-        "metadata": {
-            "labels": labels(owner),
-            "annotations": {ANNOTATION_JOB: owner.name},
-        },
+        "metadata": {"labels": labels(owner), "annotations": annotations},
         "spec": pod_spec,
     }
 

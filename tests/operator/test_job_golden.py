@@ -1,4 +1,4 @@
-"""The whole trainer Job of three representative FineTuneJobs, byte for byte (pure).
+"""The whole trainer Job of four representative FineTuneJobs, byte for byte (pure).
 
 The other planning tests check one property each; these catch any other change to the Job,
 key order included. After an intended change, rewrite the files and review their diff:
@@ -45,6 +45,21 @@ SPECS: dict[str, dict[str, Any]] = {
         "method": "full",
         "resources": {"nodes": 4, "gpus": 8, "memory": "512Gi"},
         "terminationGracePeriodSeconds": 300,
+    },
+    # Several nodes on InfiniBand: RDMA device, IPC_LOCK, Multus networks, the user's NCCL settings.
+    "multi-node-rdma": {
+        "method": "lora",
+        "resources": {
+            "nodes": 2,
+            "gpus": 8,
+            "memory": "1500Gi",
+            "network": {
+                "extendedResources": {"rdma/rdma_shared_device_a": 1},
+                "capabilities": ["IPC_LOCK"],
+                "networks": ["ib-a", "ml/ib-b@net2"],
+                "ncclEnv": {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_IB_HCA": "mlx5_0,mlx5_1"},
+            },
+        },
     },
     # QLoRA in a Kueue queue: the queue label, created suspended for Kueue to admit.
     "qlora-kueue": {

@@ -91,6 +91,30 @@ INVALID = [
         "set formats or its deprecated name quantize, not both",
     ),
     ("spec.training.earlyStopping", {"patience": 2}, "spec.training.earlyStopping", "evalEvery"),
+    (
+        "spec.resources.network",
+        {"extendedResources": {"kubernetes.io/rdma": 1}},
+        "spec.resources.network.extendedResources",
+        "extended resource names",
+    ),
+    (
+        "spec.resources.network",
+        {"ncclEnv": {"LD_PRELOAD": "/x.so"}},
+        "spec.resources.network.ncclEnv",
+        "NCCL_",
+    ),
+    (
+        "spec.resources.network",
+        {"capabilities": ["SYS_ADMIN"]},
+        "spec.resources.network.capabilities[0]",
+        "one of",
+    ),
+    (
+        "spec.resources.network",
+        {"networks": ["ib a"]},
+        "spec.resources.network.networks[0]",
+        "network attachment",
+    ),
 ]
 
 
