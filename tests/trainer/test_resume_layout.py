@@ -52,10 +52,18 @@ def attempt(
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
-@pytest.mark.parametrize(("method", "strategy"), [("full", "fsdp"), ("lora", "ddp")])
+@pytest.mark.parametrize(
+    ("method", "strategy", "first", "second"),
+    [
+        ("full", "fsdp", 2, 1),  # sharded checkpoint, one process
+        ("full", "fsdp", 1, 2),  # whole checkpoint, sharded run
+        ("lora", "ddp", 2, 1),
+        ("lora", "ddp", 1, 2),
+        ("lora", "fsdp", 1, 2),  # an adapter file into a sharded peft model
+    ],
+)
 def test_a_run_resumed_on_another_number_of_processes_trains_every_example_once(
-    tmp_path: Path, first: int, second: int, method: str, strategy: str
+    tmp_path: Path, method: str, strategy: str, first: int, second: int
 ) -> None:
     trained = tmp_path / "trained"
     trained.mkdir()
