@@ -37,11 +37,14 @@ def run(
     method: str = "full",
     environ: dict[str, str] | None = None,
     evaluation: dict[str, Any] = EVAL,
+    export: dict[str, Any] | None = None,
     **training: Any,
 ) -> subprocess.Popen[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     job = tmp_path / f"{name}.json"
     spec: dict[str, Any] = {"training": TRAINING | training, "evaluation": evaluation, "method": method}
+    if export is not None:
+        spec["export"] = export
     if method == "qlora":  # fp32 compute, so that FSDP and DDP are compared without bf16 rounding
         spec["quantization"] = {"bits": 4, "computeDtype": "float32"}
     job.write_text(tiny_job(name, **spec).model_dump_json(by_alias=True))
@@ -103,6 +106,31 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
         assert sorted(p.name for p in (step / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert (step / "COMPLETE").exists() and not (step / "model.safetensors").exists()
+
+
+def test_an_fsdp_job_runs_every_stage_on_two_processes(tmp_path: Path) -> None:
+    """Baseline, training, evaluation and merge, as a job on 8 GPUs runs them: rank 0's stages
+    after training load their models in a process where FSDP was set up."""
+    evaluation = {"metrics": ["loss"], "baseline": True}
+    two = ["--nproc-per-node", "2"]
+    log = finished(
+        run(
+            tmp_path,
+            "all",
+            two,
+            method="lora",
+            strategy="fsdp",
+            evaluation=evaluation,
+            export={"merge": True},
+        )
+    )
+    assert "FSDP2 (weights, gradients and optimizer states sharded) over 2 processes" in log
+    for stage in ("baseline", "train", "evaluate", "merge", "push"):
+        assert f"▶ {stage}" in log, stage
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
