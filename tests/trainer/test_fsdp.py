@@ -110,20 +110,20 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
 
 def test_an_fsdp_job_runs_every_stage_on_two_processes(tmp_path: Path) -> None:
     """Baseline, training, evaluation and merge, as a job on 8 GPUs runs them: rank 0's stages
-    after training load their models in a process where FSDP was set up."""
+    after training load their models in a process where FSDP was set up. Under bf16, a decoder
+    block's FSDP unit computes in bf16 and reduces gradients in fp32 (as DDP sums them; summed in
+    bf16 over many ranks they round at every step), and rank 0 gathers the adapter alone to save
+    it, not the frozen base beside it (140 GB at 70B)."""
+    precision, saved = tmp_path / "precision", tmp_path / "saved"
+    precision.mkdir()
+    saved.mkdir()
+    environ = {"KUBETUNE_TEST_FSDP_PRECISION": str(precision), "KUBETUNE_TEST_SAVED_STATE": str(saved)}
     evaluation = {"metrics": ["loss"], "baseline": True}
-    two = ["--nproc-per-node", "2"]
-    log = finished(
-        run(
-            tmp_path,
-            "all",
-            two,
-            method="lora",
-            strategy="fsdp",
-            evaluation=evaluation,
-            export={"merge": True},
-        )
-    )
+    job = run(
+        tmp_path, "all", ["--nproc-per-node", "2"], method="lora", environ=environ, evaluation=evaluation,
+        export={"merge": True}, strategy="fsdp", precision="bf16",
+    )  # fmt: skip
+    log = finished(job)
     assert "FSDP2 (weights, gradients and optimizer states sharded) over 2 processes" in log
     for stage in ("baseline", "train", "evaluate", "merge", "push"):
         assert f"▶ {stage}" in log, stage
@@ -131,6 +131,13 @@ def test_an_fsdp_job_runs_every_stage_on_two_processes(tmp_path: Path) -> None:
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
     assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
     assert (tmp_path / "out" / "manifest.json").exists()
+
+    policies = {p.name: p.read_text().split() for p in precision.iterdir()}
+    assert policies == {rank: ["torch.bfloat16", "torch.float32"] for rank in ("rank-0", "rank-1")}
+    names = (saved / "rank-0").read_text().split()
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names), names[:3]
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == len(names)
 
 
 def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
@@ -146,35 +153,6 @@ def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
     assert "gradient checkpointing on" in log
     calls = {p.name: int(p.read_text()) for p in counts.iterdir()}
     assert calls == {"rank-0": 2 * steps, "rank-1": 2 * steps}
-
-
-def test_fsdp_computes_in_bf16_and_reduces_gradients_in_fp32_as_ddp_does(tmp_path: Path) -> None:
-    """Summing bf16 gradients over many ranks rounds at every step of the reduction; DDP sums fp32."""
-    recorded = tmp_path / "precision"
-    recorded.mkdir()
-    environ = {"KUBETUNE_TEST_FSDP_PRECISION": str(recorded)}
-    two = ["--nproc-per-node", "2"]
-    log = finished(run(tmp_path, "bf16", two, environ=environ, strategy="fsdp", precision="bf16", maxSteps=2))
-    assert "FSDP2" in log
-    policies = {p.name: p.read_text().split() for p in recorded.iterdir()}
-    assert policies == {
-        "rank-0": ["torch.bfloat16", "torch.float32"],
-        "rank-1": ["torch.bfloat16", "torch.float32"],
-    }
-
-
-def test_fsdp_lora_gathers_the_adapter_alone_to_save_it(tmp_path: Path) -> None:
-    """Rank 0 holds the adapter it saves, not the whole frozen base beside it (140 GB at 70B)."""
-    recorded = tmp_path / "saved"
-    recorded.mkdir()
-    environ = {"KUBETUNE_TEST_SAVED_STATE": str(recorded)}
-    finished(
-        run(tmp_path, "lora", ["--nproc-per-node", "2"], method="lora", environ=environ, strategy="fsdp")
-    )
-    names = (recorded / "rank-0").read_text().split()
-    assert names and all(".lora_A." in name or ".lora_B." in name for name in names), names[:3]
-    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
-    assert len(adapter) == len(names)
 
 
 def test_two_nodes_upload_their_shards_beside_training(tmp_path: Path) -> None:

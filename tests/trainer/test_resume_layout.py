@@ -58,7 +58,6 @@ def attempt(
         ("full", "fsdp", 2, 1),  # sharded checkpoint, one process
         ("full", "fsdp", 1, 2),  # whole checkpoint, sharded run
         ("lora", "ddp", 2, 1),
-        ("lora", "ddp", 1, 2),
         ("lora", "fsdp", 1, 2),  # an adapter file into a sharded peft model
     ],
 )
