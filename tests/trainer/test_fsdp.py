@@ -26,7 +26,13 @@ from .conftest import EVAL, env, free_port, tiny_job
 pytestmark = pytest.mark.training
 SHIM = Path(__file__).with_name("fsdp_on_cpu")
 KUBETUNE = [sys.executable, "-m", "kubetune"]
-TRAINING = {"maxSteps": 6, "learningRate": 0.003, "batchSize": 8, "maxSeqLength": 32, "precision": "fp32"}
+TRAINING: dict[str, Any] = {
+    "maxSteps": 6,
+    "learningRate": 0.003,
+    "batchSize": 8,
+    "maxSeqLength": 32,
+    "precision": "fp32",
+}
 
 
 def run(
@@ -94,10 +100,22 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
     tmp_path: Path, method: str, weights: str
 ) -> None:
     two = ["--nproc-per-node", "2"]
-    sharded = finished(run(tmp_path / "fsdp", "fsdp", two, method=method, strategy="fsdp", checkpointEvery=3))
-    replicated = finished(run(tmp_path / "ddp", "ddp", two, method=method, strategy="ddp"))
+    # QLoRA with checkpointing: FSDP's wrapper alone recomputes (peft turns on the model's own).
+    counts = tmp_path / "calls"
+    counts.mkdir()
+    counting = {"KUBETUNE_TEST_LAYER_CALLS": str(counts)} if method == "qlora" else {}
+    checkpointing: dict[str, Any] = {"gradientCheckpointing": True} if method == "qlora" else {}
+    fsdp: dict[str, Any] = {"strategy": "fsdp", "checkpointEvery": 3, **checkpointing}
+    sharded = finished(run(tmp_path / "fsdp", "fsdp", two, method=method, environ=counting, **fsdp))
+    replicated = finished(run(tmp_path / "ddp", "ddp", two, method=method, strategy="ddp", **checkpointing))
     assert "FSDP2 (weights, gradients and optimizer states sharded) over 2 processes" in sharded
     assert "DDP over 2 processes" in replicated
+    if method == "qlora":
+        assert "gradient checkpointing on" in sharded
+        # One forward and one recomputation per layer and micro-batch (three before).
+        calls = {p.name: int(p.read_text()) for p in counts.iterdir()}
+        steps = TRAINING["maxSteps"]
+        assert calls == {"rank-0": 2 * steps, "rank-1": 2 * steps}
     a, b = (load_file(tmp_path / side / "out" / weights) for side in ("fsdp", "ddp"))
     assert a.keys() == b.keys() and a
     for name in a:
@@ -110,14 +128,22 @@ def test_fsdp_trains_the_same_weights_as_ddp_and_checkpoints_one_shard_per_rank(
 
 def test_an_fsdp_job_runs_every_stage_on_two_processes(tmp_path: Path) -> None:
     """Baseline, training, evaluation and merge, as a job on 8 GPUs runs them: rank 0's stages
-    after training load their models in a process where FSDP was set up. Under bf16, a decoder
+    after training load their models in a process where FSDP was set up; rank 0's baseline takes
+    longer than the collective timeout. Under bf16, a decoder
     block's FSDP unit computes in bf16 and reduces gradients in fp32 (as DDP sums them; summed in
     bf16 over many ranks they round at every step), and rank 0 gathers the adapter alone to save
     it, not the frozen base beside it (140 GB at 70B)."""
     precision, saved = tmp_path / "precision", tmp_path / "saved"
     precision.mkdir()
     saved.mkdir()
-    environ = {"KUBETUNE_TEST_FSDP_PRECISION": str(precision), "KUBETUNE_TEST_SAVED_STATE": str(saved)}
+    environ = {
+        "KUBETUNE_TEST_FSDP_PRECISION": str(precision),
+        "KUBETUNE_TEST_SAVED_STATE": str(saved),
+        # Rank 0's baseline outlasts the collective timeout (a 70B model's does): the other rank
+        # waits for it outside any training collective.
+        "KUBETUNE_TEST_SLOW_BASELINE": "20",
+        contract.COLLECTIVE_TIMEOUT_ENV: "8",
+    }
     evaluation = {"metrics": ["loss"], "baseline": True}
     job = run(
         tmp_path, "all", ["--nproc-per-node", "2"], method="lora", environ=environ, evaluation=evaluation,
@@ -140,58 +166,25 @@ def test_an_fsdp_job_runs_every_stage_on_two_processes(tmp_path: Path) -> None:
     assert len(adapter) == len(names)
 
 
-def test_fsdp_qlora_recomputes_each_layer_once(tmp_path: Path) -> None:
-    """One forward and one recomputation per layer and micro-batch: FSDP's checkpoint wrapper
-    alone, not the model's own checkpointing inside it (which peft turns on for QLoRA)."""
-    counts = tmp_path / "calls"
-    counts.mkdir()
-    steps = 4
-    two = ["--nproc-per-node", "2"]
-    counting = {"KUBETUNE_TEST_LAYER_CALLS": str(counts)}
-    training: dict[str, Any] = {"strategy": "fsdp", "maxSteps": steps, "gradientCheckpointing": True}
-    log = finished(run(tmp_path, "fsdp", two, method="qlora", environ=counting, **training))
-    assert "gradient checkpointing on" in log
-    calls = {p.name: int(p.read_text()) for p in counts.iterdir()}
-    assert calls == {"rank-0": 2 * steps, "rank-1": 2 * steps}
-
-
-def test_two_nodes_upload_their_shards_beside_training(tmp_path: Path) -> None:
-    """A sharded checkpoint goes to storage while the GPUs train on: the upload of step 2, held
-    8 s, ends after later steps ran, on both nodes, and each checkpoint is complete at the end."""
+def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:
+    """Each node uploads its shards beside training (the upload of step 3, held 8 s, ends after
+    later steps ran, on both nodes), and the run resumes on three processes."""
     events = tmp_path / "events"
     events.mkdir()
-    environ = {"KUBETUNE_TEST_SLOW_UPLOADS": str(events)}
+    slow = {"KUBETUNE_TEST_SLOW_UPLOADS": str(events)}
     nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-    for node in [
-        run(
-            tmp_path,
-            f"node{i}",
-            [*nodes, "--rdzv-id", "u"],
-            environ=environ,
-            strategy="fsdp",
-            checkpointEvery=2,
-        )
-        for i in range(2)
-    ]:
-        finished(node)
-    for rank in ("rank-0", "rank-1"):
-        lines = [line.split() for line in (events / rank).read_text().splitlines()]
-        uploaded = next(float(t) for kind, what, t in lines if kind == "uploaded" and what == "step-2")
-        later = [int(what) for kind, what, t in lines if kind == "step" and float(t) < uploaded]
-        assert max(later) > 2, f"{rank}: training waited for the upload of step 2"
-    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
-    assert kept == ["step-4", "step-6"]
-    assert all((tmp_path / "out" / "checkpoints" / step / "COMPLETE").exists() for step in kept)
-
-
-def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processes(tmp_path: Path) -> None:
-    nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    training: dict[str, Any] = {"strategy": "fsdp", "checkpointEvery": 3, "batchSize": 6}
     first = [
-        run(tmp_path, f"node{i}", [*nodes, "--rdzv-id", "f"], strategy="fsdp", checkpointEvery=3, batchSize=6)
-        for i in range(2)
+        run(tmp_path, f"node{i}", [*nodes, "--rdzv-id", "f"], environ=slow, **training) for i in range(2)
     ]
     for node in first:
         finished(node)
+    for rank in ("rank-0", "rank-1"):
+        lines = [line.split() for line in (events / rank).read_text().splitlines()]
+        uploaded = next(float(t) for kind, what, t in lines if kind == "uploaded" and what == "step-3")
+        later = [int(what) for kind, what, t in lines if kind == "step" and float(t) < uploaded]
+        assert max(later) > 3, f"{rank}: training waited for the upload of step 3"
+    assert (tmp_path / "out" / "checkpoints" / "step-3" / "COMPLETE").exists()
     step = tmp_path / "out" / "checkpoints" / "step-6"
     # Each node's disk held only its own rank's shard: both are in storage, with the marker.
     local = [sorted(p.name for p in (tmp_path / "work" / f"node{i}").rglob("*.distcp")) for i in range(2)]
@@ -212,15 +205,3 @@ def test_two_nodes_upload_their_own_shards_and_the_run_resumes_on_three_processe
     assert sorted(losses) == list(range(1, 10)), "an optimizer step was repeated or lost"
     assert {h["step"]: h["loss"] for h in before if "loss" in h}.items() <= losses.items()
     assert losses[9] < losses[6], "training went on from the restored weights and optimizer"
-
-
-def test_a_baseline_longer_than_the_collective_timeout_does_not_fail_the_others(tmp_path: Path) -> None:
-    """Rank 0 evaluates the base alone while the other ranks wait for it, not inside a collective
-    bounded by collectiveTimeoutSeconds (loading and scoring a 70B model takes longer)."""
-    slow = {"KUBETUNE_TEST_SLOW_BASELINE": "20", contract.COLLECTIVE_TIMEOUT_ENV: "8"}
-    evaluation = {"metrics": ["loss"], "baseline": True}
-    process = run(
-        tmp_path, "slow", ["--nproc-per-node", "2"], method="lora", environ=slow, evaluation=evaluation
-    )
-    log = finished(process)
-    assert "before: loss" in log and "DDP over 2 processes" in log

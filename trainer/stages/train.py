@@ -318,6 +318,8 @@ def save_sharded(trainer: Trainer, ctx: RunContext, target: Path) -> Any:
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     unwrapped.save_pretrained(target, state_dict=state, safe_serialization=True)
     del state
+    if ctx.spec.method != api.Method.FULL:
+        unwrapped_names(target / "adapter_model.safetensors")
     assert ctx.model_source is not None
     return modeling.load_trained(ctx.spec, ctx.model_source, target, ctx.workdir)
 
@@ -332,5 +334,18 @@ def trained_state(model: Any) -> dict[str, torch.Tensor]:
         if param.requires_grad:
             whole = param.full_tensor() if isinstance(param, DTensor) else param.detach()
             if distributed.is_main():
-                state[name.replace("_checkpoint_wrapped_module.", "")] = whole.cpu()
+                state[name] = whole.cpu()  # as peft finds its layers: inside the checkpoint wrappers
     return state
+
+
+CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+
+
+def unwrapped_names(adapter: Path) -> None:
+    """The adapter file with the names of the model, not of FSDP's checkpoint wrappers in it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter)
+    if any(CHECKPOINT_WRAPPER in name for name in tensors):
+        renamed = {name.replace(CHECKPOINT_WRAPPER, ""): tensor for name, tensor in tensors.items()}
+        save_file(renamed, adapter, metadata={"format": "pt"})

@@ -170,7 +170,7 @@ if _saved := __import__("os").environ.get("KUBETUNE_TEST_SAVED_STATE"):
 
 
 def _slow_checkpoint_upload(folder: str, seconds: float) -> None:
-    """The upload of checkpoint step 2 takes ``seconds`` longer (a slow link); ``folder/rank-R``
+    """The upload of the first checkpoint takes ``seconds`` longer (a slow link); ``folder/rank-R``
     gets a line per training micro-batch (``step N T``) and per upload (``uploaded NAME T``)."""
     import os
     import time
@@ -182,11 +182,13 @@ def _slow_checkpoint_upload(folder: str, seconds: float) -> None:
 
     log = Path(folder, f"rank-{os.environ.get('RANK', '0')}")
     upload_prefix = ObjectStore.upload_prefix
+    held: list[str] = []
     training_step = transformers.Trainer.training_step
 
     def slow(self: Any, source: Any, uri: Any, **kwargs: Any) -> Any:
         name = str(uri).rstrip("/").rsplit("/", 1)[-1]
-        if "/checkpoints/" in str(uri) and name == "step-2":
+        if "/checkpoints/" in str(uri) and not held:
+            held.append(name)
             time.sleep(seconds)
         result = upload_prefix(self, source, uri, **kwargs)
         with log.open("a") as out:
