@@ -15,8 +15,8 @@ from kubetune.validation import InvalidJob, Problem
 
 def run(ctx: RunContext) -> None:
     assert ctx.data is not None and ctx.model_source is not None
-    # Under FSDP the model to train is whole on no GPU (and on the meta device but on each
-    # node's first process): the base is evaluated from its files, placed on this node's GPUs.
+    # Under FSDP the model to train is whole on no GPU (and an empty replica but on rank 0):
+    # the base is evaluated from its files, placed on this node's GPUs.
     # An adapter not yet trained changes nothing (LoRA's B starts at zero), so base it is.
     model = (
         modeling.load_placed(ctx.spec, ctx.model_source, ctx.workdir)

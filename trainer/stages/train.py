@@ -91,9 +91,9 @@ def training_arguments(
 
 def fsdp_config(checkpointing: bool) -> dict[str, Any]:
     """FSDP2 through accelerate: each transformer block (the model's ``_no_split_modules``) one
-    unit; the weights read by one process per node and sent to the others as shards (see
+    unit; the weights read by rank 0 alone and sent to the others as shards (see
     ``modeling.trainable_model``); checkpoints saved as one shard per rank
-    (torch.distributed.checkpoint, which reshards on load: a run resumes on another number of
+    (torch.distributed.checkpoint, which reshards on load; see ``resume`` for another number of
     processes)."""
     return {
         "version": 2,
