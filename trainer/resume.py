@@ -34,6 +34,7 @@ from kubetune.validation import InvalidJob, Problem
 LAYOUT = "kubetune-layout.json"
 SHARDED_MODEL = "pytorch_model_fsdp_0"  # accelerate's names for FSDP's sharded checkpoint
 SHARDED_OPTIMIZER = "optimizer_0"
+CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."  # in parameter names under FSDP's checkpointing
 
 
 @dataclass(frozen=True)
@@ -191,9 +192,7 @@ def by_name(state: dict[str, Any], trainer: Trainer) -> dict[str, Any]:
 
 
 def _named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [
-        (name.replace("_checkpoint_wrapped_module.", ""), param) for name, param in model.named_parameters()
-    ]
+    return [(name.replace(CHECKPOINT_WRAPPER, ""), param) for name, param in model.named_parameters()]
 
 
 def _names(model: torch.nn.Module) -> list[str]:

@@ -338,14 +338,11 @@ def trained_state(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
-
-
 def unwrapped_names(adapter: Path) -> None:
     """The adapter file with the names of the model, not of FSDP's checkpoint wrappers in it."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(adapter)
-    if any(CHECKPOINT_WRAPPER in name for name in tensors):
-        renamed = {name.replace(CHECKPOINT_WRAPPER, ""): tensor for name, tensor in tensors.items()}
+    if any(resume.CHECKPOINT_WRAPPER in name for name in tensors):
+        renamed = {name.replace(resume.CHECKPOINT_WRAPPER, ""): tensor for name, tensor in tensors.items()}
         save_file(renamed, adapter, metadata={"format": "pt"})
